@@ -1,0 +1,228 @@
+"""Typed schema of the Hydra configuration, and start-up validation.
+
+The schema (registered in Hydra's ConfigStore as ``calibrl_schema`` and named first in
+``conf/config.yaml``'s defaults) makes a misspelled key or a wrong type fail at composition.
+:func:`validate` then resolves every registry name (reward components, combiner, loss
+aggregation, data source, verifier, SFT confidence policy) and builds the reward function, so a
+bad name or an unsafe reward mix fails before any model is loaded, with the valid choices listed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+__all__ = ["Config", "register_schema", "validate"]
+
+
+@dataclass
+class ModelConfig:
+    kind: str = MISSING  # gguf | tiny | hf
+    name: str = MISSING
+    name_or_path: Optional[str] = None
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    cache_dir: str = "${oc.env:CALIBRL_CACHE,'~/.cache/calibrl'}/models"
+    tokenizer_from: Optional[dict[str, Any]] = None
+    tiny: Optional[dict[str, Any]] = None
+    trust_remote_code: bool = False
+    chat_template: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = MISSING  # reasoning_gym | hf
+    train_size: int = 2000
+    eval_size: int = 500
+    train_seed: int = 1
+    eval_seed: int = 2
+    # reasoning_gym
+    task: Optional[str] = None
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    slice_fields: list[str] = field(default_factory=list)
+    # hf (hub id or local .jsonl/.json/.parquet/.csv)
+    path: Optional[str] = None
+    subset: Optional[str] = None
+    train_split: str = "train"
+    eval_split: Optional[str] = None
+    fields: dict[str, Optional[str]] = field(
+        default_factory=lambda: {"question": "question", "answer": "answer", "id": None, "slice": None}
+    )
+    verifier: str = "exact"
+
+
+@dataclass
+class FormatConfig:
+    think: str = "think"
+    answer: str = "answer"
+    analysis: str = "analysis"
+    confidence: str = "confidence"
+
+
+@dataclass
+class PromptConfig:
+    system: str = MISSING
+    think_text: str = "Let me work it out."
+    tags: FormatConfig = field(default_factory=FormatConfig)
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = MISSING
+
+
+@dataclass
+class ObjectiveConfig:
+    combine: str = "sum"
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    group_size: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    scale_rewards: bool = False
+    std_floor: float = 1e-4
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    beta: float = 0.0
+    loss_agg: str = "token_mean"
+    ppo_epochs: int = 1
+
+
+@dataclass
+class ConfidencePolicyConfig:
+    policy: str = "mixed"
+    value: float = 0.5
+    random_fraction: float = 0.5
+    grid_step: float = 0.05
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    num_examples: int = 400
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 5e-5
+    warmup_ratio: float = 0.05
+    confidence: ConfidencePolicyConfig = field(default_factory=ConfidencePolicyConfig)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 40
+    lr: float = 2e-6
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    micro_batch_size: int = 16
+    max_grad_norm: float = 1.0
+    bf16: bool = True
+    num_threads: int = 0  # 0: torch's default
+    eval_every: int = 0  # 0: only before and after RL
+    save_checkpoint: bool = True
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    n_bins: int = 10
+    during_train_size: int = 128
+    raw_model: bool = False
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "calibrl"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    job_type: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    prompt: PromptConfig = MISSING
+    reward: RewardConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    algo: AlgoConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    experiment_name: str = "default"
+
+
+def register_schema() -> None:
+    """Register :class:`Config` as ``calibrl_schema`` (idempotent)."""
+    ConfigStore.instance().store(name="calibrl_schema", node=Config)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Resolve every registry name and build the reward function, before any heavy work.
+
+    Raises:
+        KeyError: an unknown registry name (message lists the valid choices).
+        ValueError: inconsistent settings (message names the key).
+    """
+    from calibrl.data.prompts import CONFIDENCE_POLICIES
+    from calibrl.data.sources import SOURCES, VERIFIERS
+    from calibrl.rewards import RewardFunction
+    from calibrl.rl.loss import LOSS_AGG
+
+    RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
+    LOSS_AGG.get(cfg.algo.loss_agg)
+    SOURCES.get(cfg.data.source)
+    if cfg.data.source == "hf":
+        VERIFIERS.get(cfg.data.verifier)
+        if not cfg.data.path:
+            raise ValueError("data.source=hf needs data.path (a hub id or a local file)")
+    if cfg.data.source == "reasoning_gym" and not cfg.data.task:
+        raise ValueError("data.source=reasoning_gym needs data.task")
+    CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
+    if cfg.model.kind not in ("gguf", "tiny", "hf"):
+        raise KeyError(f"unknown model.kind {cfg.model.kind!r}; valid choices: gguf, hf, tiny")
+    if cfg.logger.mode not in ("offline", "online", "disabled"):
+        raise KeyError(f"unknown logger.mode {cfg.logger.mode!r}; valid choices: disabled, offline, online")
+    if cfg.algo.name != "grpo":
+        raise KeyError(f"unknown algo.name {cfg.algo.name!r}; valid choices: grpo")
+    if cfg.deepspeed.enabled:
+        raise ValueError("deepspeed.enabled=true is not supported yet; use deepspeed=none")
+    for key, value in (
+        ("algo.group_size", 2),
+        ("algo.prompts_per_step", 1),
+        ("algo.max_new_tokens", 1),
+        ("algo.ppo_epochs", 1),
+        ("trainer.micro_batch_size", 1),
+        ("data.eval_size", 1),
+        ("data.train_size", 1),
+        ("eval.batch_size", 1),
+    ):
+        if OmegaConf.select(cfg, key) < value:
+            raise ValueError(f"{key} must be >= {value}, got {OmegaConf.select(cfg, key)}")
+    if cfg.algo.temperature <= 0:
+        raise ValueError("algo.temperature must be > 0 (rollouts are sampled)")
+    if cfg.trainer.max_steps < 0:
+        raise ValueError("trainer.max_steps must be >= 0")

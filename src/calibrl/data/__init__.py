@@ -1,0 +1,11 @@
+"""Prompt sources: reasoning-gym procedural tasks and `datasets`-loaded files or hub ids.
+
+Every source yields :class:`Example` rows and carries the verifier that scores an answer against
+the reference. Train and held-out eval splits are drawn with their own seeds and never share a
+question (any train row whose question text is in the eval split is dropped).
+"""
+
+from calibrl.data.prompts import PromptBuilder
+from calibrl.data.sources import SOURCES, DataSplits, Example, build_splits
+
+__all__ = ["SOURCES", "DataSplits", "Example", "PromptBuilder", "build_splits"]

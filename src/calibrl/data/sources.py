@@ -1,0 +1,262 @@
+"""Data sources and their verifiers.
+
+Sources (``data.source``):
+
+- ``reasoning_gym``: ``reasoning_gym.create_dataset(task, size=, seed=, **task_kwargs)``; the
+  task's own ``score_answer`` is the verifier. The slice of an example is built from the
+  metadata fields named in ``data.slice_fields`` (e.g. ``num_terms=2,num_digits=1``).
+- ``hf``: rows loaded with :func:`datasets.load_dataset` from a hub id or a local
+  ``.jsonl``/``.json``/``.parquet``/``.csv`` file, with a field mapping
+  (``question``, ``answer``, optional ``id`` and ``slice``). Verifier: ``data.verifier``.
+
+A verifier returns a score in [0, 1]; an answer is *correct* when the score is >= 1 (partial
+credit does not count as correct, since the Brier term needs a binary outcome).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calibrl.registry import Registry
+
+__all__ = ["Example", "DataSplits", "SOURCES", "VERIFIERS", "build_splits"]
+
+Verifier = Callable[[str, "Example"], float]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its reference answer.
+
+    Attributes:
+        id: unique id within its split.
+        question: the task text shown to the model.
+        answer: the reference answer (a string).
+        slice: group label used for per-slice metrics (e.g. difficulty); ``"all"`` when unset.
+        meta: source-specific data the verifier needs (e.g. the reasoning-gym entry).
+    """
+
+    id: str
+    question: str
+    answer: str
+    slice: str = "all"
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class DataSplits:
+    """Train and held-out eval rows of one dataset, and its verifier.
+
+    Attributes:
+        name: dataset name, used in metric keys ``eval/<name>/...``.
+        train: training rows.
+        eval: held-out rows, disjoint from ``train`` by question text.
+        verify: ``verify(answer, example) -> score in [0, 1]``.
+    """
+
+    name: str
+    train: list[Example]
+    eval: list[Example]
+    verify: Verifier
+
+    def is_correct(self, answer: str | None, example: Example) -> bool:
+        """Verifier verdict: score >= 1. ``None`` (no parsed answer) is never correct.
+
+        A verifier that raises counts as incorrect (the exception text is not a reward signal).
+        """
+        if answer is None:
+            return False
+        try:
+            return float(self.verify(answer, example)) >= 1.0
+        except Exception:  # noqa: BLE001 - third-party verifiers raise anything on odd text
+            return False
+
+
+SOURCES: Registry[Callable[..., DataSplits]] = Registry("data source")
+VERIFIERS: Registry[Verifier] = Registry("verifier")
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().strip(".").strip()).lower()
+
+
+@VERIFIERS.register("exact")
+def exact_match(answer: str, example: Example) -> float:
+    """1.0 when answer and reference match after trimming, case-folding, collapsing whitespace
+    and dropping a trailing period; else 0.0."""
+    return float(_normalize(answer) == _normalize(example.answer))
+
+
+@VERIFIERS.register("math_verify")
+def math_verify(answer: str, example: Example) -> float:
+    """Symbolic equivalence through Hugging Face ``math-verify`` (optional dependency).
+
+    Raises:
+        ImportError: ``math-verify`` is not installed.
+    """
+    from math_verify import parse, verify
+
+    return float(verify(parse(example.answer), parse(answer)))
+
+
+def _disjoint(train: list[Example], held_out: list[Example]) -> list[Example]:
+    seen = {e.question for e in held_out}
+    return [e for e in train if e.question not in seen]
+
+
+def _slice_of(meta: Mapping[str, Any], fields: Sequence[str]) -> str:
+    if not fields:
+        return "all"
+    missing = [f for f in fields if f not in meta]
+    if missing:
+        raise KeyError(f"slice field(s) {missing} not in the example metadata; available: {sorted(meta)}")
+    return ",".join(f"{f}={meta[f]}" for f in fields)
+
+
+@SOURCES.register("reasoning_gym")
+def reasoning_gym_source(
+    name: str,
+    task: str,
+    train_size: int,
+    eval_size: int,
+    train_seed: int,
+    eval_seed: int,
+    task_kwargs: Mapping[str, Any] | None = None,
+    slice_fields: Sequence[str] = (),
+    **_: Any,
+) -> DataSplits:
+    """Build splits from a reasoning-gym task.
+
+    Raises:
+        ValueError: unknown task (the message lists the registered ones) or bad task kwargs.
+    """
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    if task not in DATASETS:
+        raise ValueError(f"unknown reasoning-gym task {task!r}; valid choices: {', '.join(sorted(DATASETS))}")
+    kwargs = dict(task_kwargs or {})
+
+    def make(size: int, seed: int, split: str) -> tuple[Any, list[Example]]:
+        try:
+            ds = reasoning_gym.create_dataset(task, size=size, seed=seed, **kwargs)
+        except (TypeError, AssertionError) as err:
+            raise ValueError(f"reasoning-gym task {task!r} rejected data.task_kwargs={kwargs}: {err}") from err
+        rows = [
+            Example(
+                id=f"{split}-{i}",
+                question=entry["question"],
+                answer=str(entry["answer"]),
+                slice=_slice_of(entry.get("metadata", {}), slice_fields),
+                meta={"entry": entry, "dataset": ds},
+            )
+            for i, entry in enumerate(ds)
+        ]
+        return ds, rows
+
+    _, eval_rows = make(eval_size, eval_seed, "eval")
+    _, train_rows = make(train_size, train_seed, "train")
+
+    def verify(answer: str, example: Example) -> float:
+        return float(example.meta["dataset"].score_answer(answer, example.meta["entry"]))
+
+    return DataSplits(name, _disjoint(train_rows, eval_rows), eval_rows, verify)
+
+
+def _load_table(path: str, split: str, subset: str | None) -> list[dict[str, Any]]:
+    import datasets
+
+    local = Path(path).expanduser()
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if local.is_file():
+        if local.suffix not in builders:
+            raise ValueError(f"data.path {path!r}: unsupported file type; use one of {sorted(builders)}")
+        ds = datasets.load_dataset(builders[local.suffix], data_files=str(local), split="train")
+    elif local.exists() or path.startswith((".", "/", "~")):
+        if not local.exists():
+            raise FileNotFoundError(f"data.path {path!r} does not exist")
+        ds = datasets.load_dataset(str(local), subset, split=split)
+    else:
+        ds = datasets.load_dataset(path, subset, split=split)
+    return list(ds)
+
+
+def _rows_to_examples(rows: list[dict[str, Any]], fields: Mapping[str, str | None], split: str, where: str) -> list[Example]:
+    out = []
+    for i, row in enumerate(rows):
+        values = {}
+        for key in ("question", "answer"):
+            col = fields.get(key)
+            if not col or col not in row or row[col] is None or str(row[col]).strip() == "":
+                raise ValueError(f"{where}: row {i} has no value for field {key!r} (column {col!r})")
+            values[key] = str(row[col])
+        id_col, slice_col = fields.get("id"), fields.get("slice")
+        out.append(
+            Example(
+                id=str(row[id_col]) if id_col and row.get(id_col) is not None else f"{split}-{i}",
+                question=values["question"],
+                answer=values["answer"],
+                slice=str(row[slice_col]) if slice_col and row.get(slice_col) is not None else "all",
+                meta={"row": row},
+            )
+        )
+    return out
+
+
+@SOURCES.register("hf")
+def hf_source(
+    name: str,
+    path: str,
+    train_size: int,
+    eval_size: int,
+    train_seed: int,
+    eval_seed: int,
+    fields: Mapping[str, str | None],
+    verifier: str = "exact",
+    train_split: str = "train",
+    eval_split: str | None = None,
+    subset: str | None = None,
+    **_: Any,
+) -> DataSplits:
+    """Build splits from a `datasets` table (hub id or local file).
+
+    With ``eval_split`` set, eval rows come from that split; otherwise ``eval_size`` rows are
+    held out of ``train_split`` by a shuffle seeded with ``eval_seed``. Train rows are then
+    shuffled with ``train_seed`` and cut to ``train_size``.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        ValueError: a row misses the question or answer field (message names path, row, field).
+        KeyError: unknown verifier.
+    """
+    verify = VERIFIERS.get(verifier)
+    rows = _rows_to_examples(_load_table(path, train_split, subset), fields, "train", f"{path}[{train_split}]")
+    if eval_split:
+        held = _rows_to_examples(_load_table(path, eval_split, subset), fields, "eval", f"{path}[{eval_split}]")
+        random.Random(eval_seed).shuffle(held)
+        held = held[:eval_size]
+        train = rows
+    else:
+        order = list(range(len(rows)))
+        random.Random(eval_seed).shuffle(order)
+        held = [rows[i] for i in order[:eval_size]]
+        train = [rows[i] for i in order[eval_size:]]
+    random.Random(train_seed).shuffle(train)
+    train = _disjoint(train, held)[:train_size]
+    if not train or not held:
+        raise ValueError(f"{path}: {len(train)} train and {len(held)} eval rows; both splits need rows")
+    return DataSplits(name, train, held, verify)
+
+
+def build_splits(source: str, **kwargs: Any) -> DataSplits:
+    """Build the splits of the source registered as ``source`` (see :data:`SOURCES`).
+
+    Raises:
+        KeyError: unknown source; the message lists the valid ones.
+    """
+    return SOURCES.get(source)(**kwargs)

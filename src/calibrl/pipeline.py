@@ -1,0 +1,196 @@
+"""The main job: build the parts from a composed config and run SFT warm-up -> eval -> RL -> eval.
+
+Global step: SFT optimizer steps are steps ``1..S``, RL steps ``S+1..S+R``; evals are logged at
+the step they follow (0 for the raw model, S after the warm-up, S+R at the end), so train and
+eval records at the same step are both kept.
+
+Files in the run directory: ``config_resolved.yaml``, ``metrics.jsonl`` (one JSON object per
+log call, flushed each time), ``eval_<stage>.jsonl`` (per-example predictions), ``summary.json``
+(the before/after table), ``checkpoint/`` (final HF model and tokenizer), ``wandb/`` (offline run).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from calibrl.config import validate
+from calibrl.data import PromptBuilder, build_splits
+from calibrl.data.sources import DataSplits
+from calibrl.evaluation import EvalSettings, evaluate
+from calibrl.models import ModelSpec, load_policy
+from calibrl.rewards import CompletionFormat, RewardFunction
+from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_warmup
+from calibrl.tracking import Tracker
+
+__all__ = ["run", "SUMMARY_METRICS"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = ("accuracy", "format_rate", "confidence_mean", "ece", "brier", "auroc")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total, 1))
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def _print_table(results: dict[str, dict[str, float]], name: str) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"held-out eval on {name}")
+    table.add_column("metric")
+    for stage in results:
+        table.add_column(stage, justify="right")
+    for m in SUMMARY_METRICS:
+        table.add_row(m, *(f"{results[s][m]:.3f}" for s in results))
+    slices = sorted({k.split("/")[1] for r in results.values() for k in r if k.startswith("slice/")})
+    for s in slices:
+        for m in ("accuracy", "confidence_mean"):
+            table.add_row(f"{s} {m}", *(f"{results[st].get(f'slice/{s}/{m}', float('nan')):.3f}" for st in results))
+    console = Console(width=120)
+    console.print(table)
+    with console.capture() as cap:
+        console.print(table)
+    return cap.get()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
+    """Run the configured job in ``run_dir``.
+
+    Returns:
+        Stage name (``raw``, ``sft``, ``final``) -> eval metrics.
+
+    Raises:
+        KeyError / ValueError: invalid configuration (raised before any model is loaded).
+    """
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    _seed_everything(cfg.seed)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    d = cfg.data
+    splits: DataSplits = build_splits(**OmegaConf.to_container(d, resolve=True))
+    log.info("data %s: %d train / %d eval examples", splits.name, len(splits.train), len(splits.eval))
+    reward_fn = RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
+    spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+    model, tokenizer = load_policy(spec)
+    fmt = CompletionFormat(**cfg.prompt.tags)
+    prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
+    autocast = torch.bfloat16 if cfg.trainer.bf16 else None
+    eval_settings = EvalSettings(
+        cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.do_sample, cfg.eval.temperature, cfg.eval.n_bins
+    )
+    lg = cfg.logger
+    tracker = Tracker(
+        run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,
+        name=lg.name or f"{cfg.experiment_name}-{run_dir.name}", tags=list(lg.tags) or [cfg.experiment_name],
+        job_type=lg.job_type,
+    )
+    results: dict[str, dict[str, float]] = {}
+    step = 0
+
+    def run_eval(stage: str) -> None:
+        with tqdm(total=len(splits.eval), desc=f"eval [{stage}]", unit="ex", leave=False) as bar:
+            metrics = evaluate(
+                model, tokenizer, prompts, splits.eval, splits.is_correct, reward_fn, eval_settings,
+                autocast_dtype=autocast, predictions_path=run_dir / f"eval_{stage}.jsonl", progress=bar.update,
+            )
+        results[stage] = metrics
+        tracker.log({f"eval/{splits.name}/{k}": v for k, v in metrics.items()}, step=step)
+
+    exit_code = 1
+    try:
+        if cfg.eval.raw_model:
+            run_eval("raw")
+        sft_cfg = cfg.trainer.sft
+        if sft_cfg.enabled:
+            ss = SFTSettings(
+                sft_cfg.num_examples, sft_cfg.epochs, sft_cfg.batch_size, sft_cfg.confidence.policy,
+                {k: v for k, v in sft_cfg.confidence.items() if k != "policy"}, cfg.seed, cfg.trainer.bf16,
+                cfg.trainer.max_grad_norm,
+            )
+            total = num_sft_steps(len(splits.train), ss)
+            opt = _optimizer(model, sft_cfg.lr, cfg.trainer.weight_decay)
+            sched = _scheduler("linear", opt, math.ceil(sft_cfg.warmup_ratio * total), total)
+            with tqdm(total=total, desc="SFT warm-up", unit="step") as bar:
+
+                def on_sft_step(i: int, metrics: dict[str, float]) -> None:
+                    tracker.log(metrics, step=i)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
+
+                step = sft_warmup(model, tokenizer, prompts, splits.train, ss, opt, sched, on_sft_step)
+            del opt, sched
+        run_eval("sft" if sft_cfg.enabled else "start")
+
+        a, t = cfg.algo, cfg.trainer
+        settings = GRPOSettings(
+            a.group_size, a.prompts_per_step, a.max_new_tokens, a.temperature, a.top_p, a.scale_rewards,
+            a.std_floor, a.clip_low, a.clip_high, a.beta, a.loss_agg, a.ppo_epochs, t.micro_batch_size,
+            t.max_grad_norm, t.bf16,
+        )
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+        opt = _optimizer(model, t.lr, t.weight_decay)
+        trainer = GRPOTrainer(
+            model, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, opt,
+            _scheduler(t.lr_scheduler, opt, t.warmup_steps, t.max_steps), reference, seed=cfg.seed,
+        )
+        with tqdm(total=t.max_steps, desc="RL", unit="step") as bar:
+            for i in range(1, t.max_steps + 1):
+                metrics = trainer.step()
+                step += 1
+                tracker.log(metrics | {"train/rl_step": i}, step=step)
+                bar.update(1)
+                bar.set_postfix(
+                    acc=f"{metrics['train/accuracy']:.2f}", conf=f"{metrics['train/confidence_mean']:.2f}",
+                    fmt=f"{metrics['train/format_rate']:.2f}", r=f"{metrics['rewards/total/mean']:.2f}",
+                )
+                if t.eval_every and i % t.eval_every == 0 and i < t.max_steps:
+                    run_eval(f"step{i}")
+        run_eval("final")
+        if t.save_checkpoint:
+            model.save_pretrained(run_dir / "checkpoint")
+            tokenizer.save_pretrained(run_dir / "checkpoint")
+        tracker.summary({f"final/{k}": v for k, v in results["final"].items()})
+        exit_code = 0
+    finally:
+        wandb_dir = tracker.wandb_dir
+        tracker.close(exit_code)
+        (run_dir / "summary.json").write_text(json.dumps(results, indent=2))
+
+    _print_table({s: r for s, r in results.items() if not s.startswith("step")}, splits.name)
+    print(f"run directory : {run_dir}")
+    print(f"metrics file  : {tracker.metrics_path}")
+    if cfg.trainer.save_checkpoint:
+        print(f"checkpoint    : {run_dir / 'checkpoint'}")
+    if wandb_dir:
+        print(f"W&B run       : {wandb_dir}" + (f"  (sync: wandb sync {wandb_dir})" if cfg.logger.mode == "offline" else ""))
+    return results

@@ -1,0 +1,225 @@
+"""Reward components and their weighted combination.
+
+A *component* is a pure function of one parsed completion and its verifier verdict
+``c in {0, 1}`` (the task's verifier applied to the parsed answer against the reference answer).
+Each component declares the range it can take on a well-formed completion and the value it takes
+on a format failure; :class:`RewardFunction` uses those to prove, at construction, that a format
+failure's weighted total is strictly below the lowest total any well-formed completion can get.
+
+Components (all rewards are unitless; higher is better):
+
+=============  ===========================  ================  =========================
+name           value on a well-formed       range             value on a format failure
+=============  ===========================  ================  =========================
+correctness    c                            [0, 1]            0 (no credit, even if the
+                                                              answer happens to be right)
+format         1                            [1, 1]            0
+brier          -(q - c)^2                   [-1, 0]           -1 (the worst Brier score)
+=============  ===========================  ================  =========================
+
+RLCR (Damani et al., "Beyond Binary Rewards", arXiv:2507.16806) is
+``correctness + brier`` = ``1[correct] - (q - 1[correct])^2``, plus a format term.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from calibrl.registry import Registry
+from calibrl.rewards.parsing import ParsedCompletion
+
+__all__ = [
+    "COMPONENTS",
+    "COMBINERS",
+    "RewardComponent",
+    "RewardBatch",
+    "RewardFunction",
+    "weighted_sum",
+    "reward_metrics",
+]
+
+
+@dataclass(frozen=True)
+class RewardComponent:
+    """A named reward term.
+
+    Attributes:
+        fn: ``fn(parsed, correct) -> float`` for a *well-formed* completion.
+        low: lowest value ``fn`` can return on a well-formed completion.
+        high: highest value ``fn`` can return on a well-formed completion.
+        on_format_failure: the value used when the completion fails the format.
+    """
+
+    fn: Callable[[ParsedCompletion, bool], float]
+    low: float
+    high: float
+    on_format_failure: float
+
+
+COMPONENTS: Registry[RewardComponent] = Registry("reward component")
+
+
+def _correctness(parsed: ParsedCompletion, correct: bool) -> float:
+    return 1.0 if correct else 0.0
+
+
+def _format(parsed: ParsedCompletion, correct: bool) -> float:
+    return 1.0
+
+
+def _brier(parsed: ParsedCompletion, correct: bool) -> float:
+    # RLCR calibration term, arXiv:2507.16806 eq. (1): -(q - 1[correct])^2.
+    assert parsed.confidence is not None
+    return -((parsed.confidence - (1.0 if correct else 0.0)) ** 2)
+
+
+COMPONENTS.register("correctness")(RewardComponent(_correctness, 0.0, 1.0, 0.0))
+COMPONENTS.register("format")(RewardComponent(_format, 1.0, 1.0, 0.0))
+COMPONENTS.register("brier")(RewardComponent(_brier, -1.0, 0.0, -1.0))
+
+
+def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """Weighted sum of reward components: ``total[i] = sum_k weights[k] * components[k][i]``.
+
+    Args:
+        components: name -> rewards, each shape ``[N]``.
+        weights: name -> weight; must name exactly the same components.
+
+    Returns:
+        Total reward, shape ``[N]``, float64.
+
+    Raises:
+        ValueError: the names differ, the shapes differ, or any value or weight is non-finite.
+    """
+    if set(components) != set(weights):
+        raise ValueError(
+            f"reward weights {sorted(weights)} must name exactly the components {sorted(components)}"
+        )
+    if not components:
+        raise ValueError("no reward components")
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in components.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"reward components must be 1-D arrays of one length, got shapes {shapes}")
+    total = np.zeros(next(iter(shapes)), dtype=np.float64)
+    for k, a in arrays.items():
+        w = float(weights[k])
+        if not math.isfinite(w):
+            raise ValueError(f"weight of {k!r} is not finite: {w}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"reward component {k!r} holds a non-finite value")
+        total += w * a
+    return total
+
+
+COMBINERS: Registry[Callable[[Mapping[str, np.ndarray], Mapping[str, float]], np.ndarray]] = Registry(
+    "objective combiner"
+)
+COMBINERS.register("sum")(weighted_sum)
+
+
+@dataclass
+class RewardBatch:
+    """Rewards of N completions.
+
+    Attributes:
+        components: name -> per-completion reward, each float64 ``[N]``.
+        total: combined reward, float64 ``[N]``.
+        correct: verifier verdicts, bool ``[N]`` (False on a format failure).
+        format_ok: bool ``[N]``.
+        confidence: stated confidence, float64 ``[N]``, NaN where the format failed.
+    """
+
+    components: dict[str, np.ndarray]
+    total: np.ndarray
+    correct: np.ndarray
+    format_ok: np.ndarray
+    confidence: np.ndarray
+
+
+class RewardFunction:
+    """Scores parsed completions with weighted components.
+
+    Args:
+        weights: component name -> weight (``reward.weights`` in the config). Names must be in
+            :data:`COMPONENTS`.
+        combine: name of the objective combiner in :data:`COMBINERS` (``objective.combine``).
+
+    Raises:
+        KeyError: unknown component or combiner (the message lists the valid ones).
+        ValueError: under these weights a format failure would not score strictly below every
+            well-formed completion (e.g. a zero ``format`` weight), or a weight is non-finite.
+    """
+
+    def __init__(self, weights: Mapping[str, float], combine: str = "sum") -> None:
+        if not weights:
+            raise ValueError("reward.weights is empty: name at least one component")
+        self.weights = {k: float(v) for k, v in weights.items()}
+        self.components = {k: COMPONENTS.get(k) for k in self.weights}
+        self.combine = COMBINERS.get(combine)
+        for k, w in self.weights.items():
+            if not math.isfinite(w):
+                raise ValueError(f"reward.weights.{k} is not finite: {w}")
+        # Lowest total over well-formed completions, bounding each term on its own (a lower bound
+        # of the true minimum, so "failure < bound" is sufficient).
+        self.lowest_well_formed = sum(
+            min(w * c.low, w * c.high) for w, c in ((self.weights[k], c) for k, c in self.components.items())
+        )
+        self.format_failure_total = sum(self.weights[k] * c.on_format_failure for k, c in self.components.items())
+        if not self.format_failure_total < self.lowest_well_formed:
+            raise ValueError(
+                "with reward.weights "
+                f"{self.weights} a format failure totals {self.format_failure_total:g}, not strictly "
+                f"below the lowest well-formed total {self.lowest_well_formed:g}; give the 'format' "
+                "component a positive weight"
+            )
+
+    def __call__(self, parsed: list[ParsedCompletion], correct: list[bool]) -> RewardBatch:
+        """Score N completions.
+
+        Args:
+            parsed: N parsed completions.
+            correct: N verifier verdicts (ignored where the format failed).
+
+        Returns:
+            A :class:`RewardBatch`; every reward is finite.
+
+        Raises:
+            ValueError: the two lists differ in length.
+        """
+        if len(parsed) != len(correct):
+            raise ValueError(f"{len(parsed)} completions but {len(correct)} verdicts")
+        ok = np.array([p.format_ok for p in parsed], dtype=bool)
+        corr = np.array([bool(c) and p.format_ok for p, c in zip(parsed, correct)], dtype=bool)
+        comps = {
+            name: np.array(
+                [
+                    comp.fn(p, c) if p.format_ok else comp.on_format_failure
+                    for p, c in zip(parsed, corr)
+                ],
+                dtype=np.float64,
+            )
+            for name, comp in self.components.items()
+        }
+        total = self.combine(comps, self.weights)
+        conf = np.array([p.confidence if p.format_ok else np.nan for p in parsed], dtype=np.float64)
+        return RewardBatch(comps, total, corr, ok, conf)
+
+
+def reward_metrics(components: Mapping[str, np.ndarray], total: np.ndarray, prefix: str = "rewards") -> dict[str, float]:
+    """Per-component and total reward mean/std for logging.
+
+    Returns:
+        ``{f"{prefix}/{name}/mean", f"{prefix}/{name}/std", f"{prefix}/total/mean", ...}``
+        (population std).
+    """
+    out: dict[str, float] = {}
+    for name, values in {**components, "total": total}.items():
+        v = np.asarray(values, dtype=np.float64)
+        out[f"{prefix}/{name}/mean"] = float(v.mean())
+        out[f"{prefix}/{name}/std"] = float(v.std())
+    return out

@@ -1,0 +1,1 @@
+"""The GRPO-style RL loop: rollouts, group advantages, clipped policy loss, SFT warm-up."""

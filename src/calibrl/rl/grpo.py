@@ -1,0 +1,287 @@
+"""GRPO-style RL with a calibration-aware reward, single process.
+
+The algorithm, exactly as implemented (one RL step):
+
+1. **Prompts.** Take the next ``algo.prompts_per_step`` (B) training examples from a seeded,
+   reshuffled-every-epoch stream.
+2. **Rollouts.** Sample G = ``algo.group_size`` completions per prompt with HF ``generate``
+   (temperature ``algo.temperature``, top-p ``algo.top_p``, at most ``algo.max_new_tokens``
+   tokens, stopping once ``</confidence>`` is written).
+3. **Rewards.** Parse every completion (:func:`calibrl.rewards.parse_completion`), run the task's
+   verifier on the parsed answer, compute each reward component and combine them with
+   ``reward.weights`` (``objective.combine``, default the weighted sum). Every reward is checked
+   finite; a non-finite reward stops the run (it would be a bug, never a policy signal).
+4. **Advantages.** ``A_i = r_i - mean_group(r)``, divided by the group's std (floored) only when
+   ``algo.scale_rewards`` (:func:`calibrl.rl.advantages.group_advantages`). No value model.
+5. **Policy loss.** PPO clipped surrogate over completion tokens only (prompt and padding
+   masked), ratio ``exp(logp - old_logp)`` clipped to ``[1 - clip_low, 1 + clip_high]``,
+   aggregated by ``algo.loss_agg`` (token mean by default), plus ``beta * k3-KL`` to a frozen
+   reference model when ``algo.beta > 0`` (the reference is not loaded when ``beta == 0``).
+   With ``algo.ppo_epochs == 1`` the batch is used for one optimizer step right after sampling,
+   so ``old_logp`` is the current log-prob detached (ratio exactly 1, the clip inactive); with
+   more epochs ``old_logp`` is computed once, before the first update. Completions whose
+   advantage is 0 contribute no gradient when ``beta == 0`` and are skipped in the forward
+   (normalisers still count them, so the loss is unchanged).
+6. **Update.** Gradients accumulated over micro-batches of ``trainer.micro_batch_size``
+   completions, clipped to ``trainer.max_grad_norm``, AdamW step, LR schedule step. Forward and
+   backward under bf16 autocast when ``trainer.bf16``. A step whose gradient norm is non-finite
+   is skipped (counted in ``train/skipped_steps``).
+
+Launch: ``calibrl-train`` (or ``python -m calibrl.train``), e.g.
+``calibrl-train experiment=quickstart`` or ``calibrl-train model=tiny debug=default``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrl.data.prompts import PromptBuilder
+from calibrl.data.sources import Example
+from calibrl.metrics import calibration_summary
+from calibrl.rewards import RewardFunction, reward_metrics
+from calibrl.rl.advantages import group_advantages
+from calibrl.rl.loss import clipped_policy_loss
+from calibrl.rl.rollout import Rollout, completion_logprobs, generate_rollout
+from calibrl.scoring import score_completions
+
+__all__ = ["GRPOSettings", "GRPOTrainer", "example_stream"]
+
+
+@dataclass
+class GRPOSettings:
+    """Hyperparameters of the RL stage (``algo`` and ``trainer`` config groups).
+
+    Attributes:
+        group_size: G completions per prompt (>= 2).
+        prompts_per_step: B prompts per RL step.
+        max_new_tokens: completion length cap, tokens.
+        temperature, top_p: sampling settings of rollouts.
+        scale_rewards: divide advantages by the group std.
+        std_floor: floor of that std.
+        clip_low, clip_high: PPO clip range ``[1 - clip_low, 1 + clip_high]``.
+        beta: KL coefficient (0 = no reference model).
+        loss_agg: ``token_mean`` | ``seq_mean``.
+        ppo_epochs: optimizer steps per rollout batch.
+        micro_batch_size: completions per forward/backward.
+        max_grad_norm: gradient clipping threshold (L2).
+        bf16: bf16 autocast for generation, forward and backward.
+    """
+
+    group_size: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    scale_rewards: bool = False
+    std_floor: float = 1e-4
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    beta: float = 0.0
+    loss_agg: str = "token_mean"
+    ppo_epochs: int = 1
+    micro_batch_size: int = 16
+    max_grad_norm: float = 1.0
+    bf16: bool = True
+
+
+def example_stream(examples: Sequence[Example], seed: int) -> Iterator[Example]:
+    """Endless stream over ``examples``, reshuffled (seeded) at every pass.
+
+    Raises:
+        ValueError: no examples.
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for i in order:
+            yield examples[i]
+
+
+class GRPOTrainer:
+    """One-process GRPO trainer (see module docstring for the algorithm).
+
+    Args:
+        policy: causal LM being trained.
+        tokenizer: its tokenizer (left padding).
+        prompts: builds chat prompts and knows the completion format.
+        train_examples: prompts to train on.
+        is_correct: verifier verdict ``(answer, example) -> bool``.
+        reward_fn: weighted reward components.
+        settings: :class:`GRPOSettings`.
+        optimizer: optimizer over ``policy``'s parameters.
+        scheduler: LR scheduler stepped once per optimizer step (or ``None``).
+        reference: frozen reference model, required when ``settings.beta > 0``.
+        seed: seed of the prompt stream.
+
+    Raises:
+        ValueError: ``beta > 0`` without a reference model, or ``group_size < 2``.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        tokenizer: Any,
+        prompts: PromptBuilder,
+        train_examples: Sequence[Example],
+        is_correct: Callable[[str | None, Example], bool],
+        reward_fn: RewardFunction,
+        settings: GRPOSettings,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        reference: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if settings.group_size < 2:
+            raise ValueError(f"algo.group_size must be >= 2, got {settings.group_size}")
+        if settings.beta > 0 and reference is None:
+            raise ValueError("algo.beta > 0 needs a reference model")
+        self.policy, self.tokenizer, self.prompts = policy, tokenizer, prompts
+        self.is_correct, self.reward_fn, self.s = is_correct, reward_fn, settings
+        self.optimizer, self.scheduler, self.reference = optimizer, scheduler, reference
+        self.stream = example_stream(train_examples, seed)
+        self.skipped_steps = 0
+        self.autocast_dtype = torch.bfloat16 if settings.bf16 else None
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.bf16)
+
+    def generate(self, examples: list[Example]) -> Rollout:
+        """Sample G completions for each example (step 2)."""
+        return generate_rollout(
+            self.policy,
+            self.tokenizer,
+            [self.prompts.prompt(e) for e in examples],
+            self.s.group_size,
+            max_new_tokens=self.s.max_new_tokens,
+            temperature=self.s.temperature,
+            top_p=self.s.top_p,
+            stop_string=f"</{self.prompts.fmt.confidence}>",
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def score(self, rollout: Rollout, examples: list[Example]):
+        """Parse, verify and reward every completion (step 3).
+
+        Raises:
+            RuntimeError: a non-finite reward (a bug in a component).
+        """
+        per_completion = [e for e in examples for _ in range(self.s.group_size)]
+        parsed, rewards = score_completions(rollout.texts, per_completion, self.is_correct, self.reward_fn, self.prompts.fmt)
+        if not np.all(np.isfinite(rewards.total)):
+            raise RuntimeError("non-finite reward reached the RL loop")
+        return parsed, rewards
+
+    def _logprobs(self, model: Any, rollout: Rollout, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad), self._autocast():
+            return completion_logprobs(model, rollout)
+
+    def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """Clipped policy-gradient update(s) on one rollout batch (steps 5-6).
+
+        Args:
+            rollout: ``B*G`` completions.
+            advantages: float ``[B*G]``.
+
+        Returns:
+            ``loss``, ``clip_fraction``, ``kl`` (NaN when ``beta == 0``), ``grad_norm``.
+        """
+        s = self.s
+        mask = rollout.completion_mask
+        n_tokens = float(mask.sum().clamp_min(1))
+        n_seqs = float(len(rollout))
+        active = torch.arange(len(rollout)) if s.beta > 0 else torch.nonzero(advantages != 0).flatten()
+        out = {"loss": 0.0, "clip_fraction": 0.0, "kl": float("nan"), "grad_norm": 0.0}
+        if active.numel() == 0:
+            return out
+        sub = Rollout(
+            rollout.prompt_ids[active], rollout.prompt_mask[active], rollout.completion_ids[active],
+            mask[active], [rollout.texts[i] for i in active.tolist()], rollout.group_size,
+        )
+        adv = advantages[active]
+        chunks = [slice(i, i + s.micro_batch_size) for i in range(0, len(sub), s.micro_batch_size)]
+        old = ref = None
+        if s.ppo_epochs > 1:
+            old = [self._logprobs(self.policy, sub.select(c), grad=False) for c in chunks]
+        if s.beta > 0:
+            ref = [self._logprobs(self.reference, sub.select(c), grad=False) for c in chunks]
+        self.policy.train()
+        for _ in range(s.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = clipped = kl_sum = 0.0
+            for k, c in enumerate(chunks):
+                mb = sub.select(c)
+                logp = self._logprobs(self.policy, mb, grad=True)
+                res = clipped_policy_loss(
+                    logp,
+                    old[k] if old is not None else logp.detach(),
+                    adv[c],
+                    mb.completion_mask,
+                    clip_low=s.clip_low,
+                    clip_high=s.clip_high,
+                    n_tokens=n_tokens,
+                    n_seqs=n_seqs,
+                    agg=s.loss_agg,
+                    beta=s.beta,
+                    ref_logp=ref[k] if ref is not None else None,
+                )
+                res.loss.backward()
+                loss_sum += float(res.loss)
+                clipped += float(res.clipped_tokens)
+                kl_sum += float(res.kl_sum)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                continue
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        out.update(
+            loss=loss_sum,
+            clip_fraction=clipped / n_tokens,
+            kl=kl_sum / n_tokens if s.beta > 0 else float("nan"),
+            grad_norm=grad_norm,
+        )
+        return out
+
+    def step(self) -> dict[str, float]:
+        """One RL step; returns the metrics to log (see ``train/``, ``rewards/``, ``perf/``)."""
+        t0 = time.perf_counter()
+        examples = [next(self.stream) for _ in range(self.s.prompts_per_step)]
+        rollout = self.generate(examples)
+        t1 = time.perf_counter()
+        parsed, rewards = self.score(rollout, examples)
+        advantages = group_advantages(
+            torch.as_tensor(rewards.total, dtype=torch.float32), self.s.group_size, self.s.scale_rewards, self.s.std_floor
+        )
+        t2 = time.perf_counter()
+        upd = self.update(rollout, advantages)
+        t3 = time.perf_counter()
+        groups = rewards.total.reshape(-1, self.s.group_size)
+        metrics = reward_metrics(rewards.components, rewards.total)
+        metrics |= {f"train/{k}": v for k, v in calibration_summary(rewards.correct, rewards.confidence, rewards.format_ok).items()}
+        metrics |= {f"train/{k}": v for k, v in upd.items()}
+        metrics |= {
+            "train/completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
+            "train/zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
+            "train/advantage_abs_mean": float(advantages.abs().mean()),
+            "train/skipped_steps": float(self.skipped_steps),
+            "train/lr": float(self.optimizer.param_groups[0]["lr"]),
+            "perf/generate_s": t1 - t0,
+            "perf/score_s": t2 - t1,
+            "perf/update_s": t3 - t2,
+            "perf/step_s": t3 - t0,
+            "perf/rollout_tokens_per_s": float(rollout.completion_mask.sum()) / max(t1 - t0, 1e-9),
+        }
+        return metrics
