@@ -90,7 +90,12 @@ def materialize_gguf(package: str, gguf_file: str, target: Path) -> Path:
         raise FileNotFoundError(f"{gguf_file!r} not found in package {package!r} at {src}")
     tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf_file, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The rebuilt model is a plain fp32 checkpoint: drop the GGUF marker, or transformers refuses
+    # to save (and later to re-save) it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,7 @@ from calibrl.data.sources import Example
 from calibrl.registry import Registry
 from calibrl.rewards.parsing import CompletionFormat
 
-__all__ = ["PromptBuilder", "CONFIDENCE_POLICIES", "DEFAULT_SYSTEM_PROMPT"]
-
-DEFAULT_SYSTEM_PROMPT = (
-    "Think about the problem inside <think></think> tags, give only the final answer inside "
-    "<answer></answer> tags, then state the probability, a number between 0 and 1, that your "
-    "answer is correct inside <confidence></confidence> tags."
-)
+__all__ = ["PromptBuilder", "CONFIDENCE_POLICIES"]
 
 ConfidencePolicy = Callable[[random.Random], float]
 CONFIDENCE_POLICIES: Registry[Callable[..., ConfidencePolicy]] = Registry("SFT confidence policy")
@@ -75,7 +69,7 @@ class PromptBuilder:
     """
 
     tokenizer: object
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str
     fmt: CompletionFormat = CompletionFormat()
     think_text: str = "Let me work it out."
 

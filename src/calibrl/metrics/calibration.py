@@ -43,7 +43,7 @@ def _bin_index(q: np.ndarray, n_bins: int, strategy: str) -> np.ndarray:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     if strategy == "uniform":
         # Equal-width bins (lo, hi], with 0.0 in the first bin and 1.0 in the last.
-        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        edges = np.arange(n_bins + 1) / n_bins  # k / n exactly as the literal would round
         return np.clip(np.searchsorted(edges, q, side="left") - 1, 0, n_bins - 1)
     if strategy == "quantile":
         # Equal-mass bins from the empirical quantiles. The bin is a function of the value alone,
@@ -145,6 +145,8 @@ def calibration_summary(
     q = np.asarray(confidence, dtype=np.float64)
     if c.size == 0:
         raise ValueError("empty input: no completions to summarise")
+    if not (c.ndim == ok.ndim == q.ndim == 1 and c.shape == ok.shape == q.shape):
+        raise ValueError(f"correct, confidence and format_ok must be 1-D of one length, got {c.shape}, {q.shape}, {ok.shape}")
     out = {"accuracy": float(c.mean()), "format_rate": float(ok.mean())}
     nan = float("nan")
     if ok.any():

@@ -154,7 +154,8 @@ def parse_completion(text: str, fmt: CompletionFormat = CompletionFormat()) -> P
     answer, answer_span = None, None
     if len(answers) == 1 and visible.count(f"<{fmt.answer}>") == 1:
         answer_span = answers[0].span(1)
-        answer = text[answer_span[0] : answer_span[1]].strip()
+        # Read from the blanked text: a scratch block nested inside the answer is not answer text.
+        answer = visible[answer_span[0] : answer_span[1]].strip()
 
     def fail(reason: str) -> ParsedCompletion:
         return ParsedCompletion(answer, None, False, reason, answer_span, None)

@@ -204,10 +204,7 @@ class GRPOTrainer:
         out = {"loss": 0.0, "clip_fraction": 0.0, "kl": float("nan"), "grad_norm": 0.0}
         if active.numel() == 0:
             return out
-        sub = Rollout(
-            rollout.prompt_ids[active], rollout.prompt_mask[active], rollout.completion_ids[active],
-            mask[active], [rollout.texts[i] for i in active.tolist()], rollout.group_size,
-        )
+        sub = rollout.select(active)
         adv = advantages[active]
         chunks = [slice(i, i + s.micro_batch_size) for i in range(0, len(sub), s.micro_batch_size)]
         old = ref = None

@@ -102,14 +102,17 @@ def clipped_policy_loss(
         raise ValueError("beta > 0 needs ref_logp")
     aggregate = LOSS_AGG.get(agg)
     m = mask.to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
+    keep = m > 0
+    # Zero the differences at masked positions before exp: their log-probs are arbitrary and an
+    # overflow there would turn the masked-out product into inf * 0 = NaN.
+    ratio = torch.exp(torch.where(keep, logp - old_logp, 0.0))
     a = advantages.unsqueeze(1).to(logp.dtype)  # [N, 1]
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * a
     per_token = -torch.minimum(unclipped, clipped)
     kl_sum = logp.new_zeros(())
     if beta > 0:
-        delta = ref_logp - logp
+        delta = torch.where(keep, ref_logp - logp, 0.0)
         kl = torch.exp(delta) - delta - 1.0
         per_token = per_token + beta * kl
         kl_sum = (kl.detach() * m).sum()

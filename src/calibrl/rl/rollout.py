@@ -26,7 +26,8 @@ class Rollout:
         completion_mask: LongTensor ``[B*G, L]``, 1 on sampled tokens (up to and including the
             EOS token, or the token that completed a stop string).
         texts: ``B*G`` decoded completions (special tokens removed).
-        group_size: G.
+        group_index: LongTensor ``[B*G]``, the prompt (group) each completion answers; rows
+            with the same index share the same prompt tokens.
     """
 
     prompt_ids: torch.Tensor
@@ -34,20 +35,21 @@ class Rollout:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     texts: list[str]
-    group_size: int
+    group_index: torch.Tensor
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    def select(self, idx: slice) -> "Rollout":
-        """Rows ``idx`` (a micro-batch), keeping tensors' trailing dims."""
+    def select(self, idx: slice | torch.Tensor) -> "Rollout":
+        """Rows ``idx`` (a slice or a LongTensor of row indices)."""
+        rows = range(len(self))[idx] if isinstance(idx, slice) else idx.tolist()
         return Rollout(
             self.prompt_ids[idx],
             self.prompt_mask[idx],
             self.completion_ids[idx],
             self.completion_mask[idx],
-            self.texts[idx],
-            self.group_size,
+            [self.texts[i] for i in rows],
+            self.group_index[idx],
         )
 
 
@@ -123,28 +125,58 @@ def generate_rollout(
         completion_ids=completion_ids,
         completion_mask=mask,
         texts=upto_eos,
-        group_size=group_size,
+        group_index=torch.arange(len(prompts)).repeat_interleave(group_size),
     )
 
 
-def completion_logprobs(model: Any, rollout: Rollout) -> torch.Tensor:
+def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True) -> torch.Tensor:
     """Log-probabilities of the completion tokens under ``model``.
 
-    Only the last ``L + 1`` positions' logits are computed (``logits_to_keep``), and the
-    log-softmax is taken by ``logsumexp`` on those alone, so ``[N, P+L, V]`` log-probs are
-    never materialised.
+    With ``share_prefix`` each distinct prompt of the micro-batch goes through the model once;
+    its KV cache is then indexed out to every completion of that prompt and the completions are
+    run on top of it. Gradients flow through the shared cache into the prompt positions, so the
+    result and its gradient equal the plain ``[prompt | completion]`` forward (up to float
+    rounding) at a fraction of the cost when G completions share a prompt. Without
+    ``share_prefix`` the plain forward is used.
+
+    Only logits of completion positions are computed, and the log-softmax is taken by
+    ``logsumexp`` on those alone, so ``[N, P+L, V]`` log-probs are never materialised.
 
     Args:
-        rollout: N completions (any micro-batch of a rollout).
+        rollout: N completions (any subset of a rollout's rows).
 
     Returns:
         float32 ``[N, L]`` log-probs in nats (meaningless where ``completion_mask`` is 0).
     """
-    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [N, P+L]
-    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    positions = (attn.cumsum(dim=1) - 1).clamp_min(0)
     length = rollout.completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=length + 1).logits
-    logits = logits[:, :-1].float()  # [N, L, V]: position t predicts completion token t
+    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [N, P+L]
+    positions = (attn.cumsum(dim=1) - 1).clamp_min(0)
+    if share_prefix:
+        groups, inverse = torch.unique(rollout.group_index, return_inverse=True)
+        # One row per distinct prompt (any row of a group will do: they hold the same prompt).
+        first = torch.empty(len(groups), dtype=torch.long).scatter_(0, inverse, torch.arange(len(rollout)))
+        prefix = model(
+            input_ids=rollout.prompt_ids[first],
+            attention_mask=rollout.prompt_mask[first],
+            position_ids=positions[first, : rollout.prompt_ids.shape[1]],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = prefix.past_key_values
+        cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...], differentiable indexing
+        body = model(
+            input_ids=rollout.completion_ids,
+            attention_mask=attn,
+            position_ids=positions[:, rollout.prompt_ids.shape[1] :],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=length,
+        )
+        # prefix logits predict completion token 0; body logits at t predict token t + 1.
+        logits = torch.cat([prefix.logits[inverse], body.logits[:, :-1]], dim=1).float()  # [N, L, V]
+    else:
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=length + 1)
+        logits = out.logits[:, :-1].float()  # [N, L, V]: position t predicts completion token t
     token_logits = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
     return token_logits - torch.logsumexp(logits, dim=-1)

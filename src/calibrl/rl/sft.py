@@ -80,6 +80,25 @@ def sft_batches(
             yield {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
+def completion_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (completion) positions.
+
+    The LM head runs only on positions whose next token is labelled, not on the prompt, which
+    saves most of the ``[b, T, V]`` logits (V = 49152 for SmolLM2).
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 = ignored), each ``[b, T]``.
+
+    Returns:
+        Scalar loss in nats per token.
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [n_labelled, V]
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
 def num_sft_steps(n_examples: int, settings: SFTSettings) -> int:
     """Optimizer steps the warm-up takes."""
     n = min(n_examples, settings.num_examples)
@@ -106,12 +125,12 @@ def sft_warmup(
     for batch in sft_batches(tokenizer, prompts, examples, settings):
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            loss = model(**batch).loss
+            loss = completion_loss(model, batch)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         steps += 1
-        on_step(steps, {"sft/loss": float(loss), "sft/lr": float(optimizer.param_groups[0]["lr"]), "sft/grad_norm": grad_norm})
+        on_step(steps, {"sft/loss": float(loss.detach()), "sft/lr": float(optimizer.param_groups[0]["lr"]), "sft/grad_norm": grad_norm})
     return steps
