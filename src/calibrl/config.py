@@ -99,7 +99,7 @@ class AlgoConfig:
 
 @dataclass
 class ConfidencePolicyConfig:
-    policy: str = "mixed"
+    policy: str = "uniform"
     value: float = 0.5
     random_fraction: float = 0.5
     grid_step: float = 0.05
@@ -118,8 +118,8 @@ class SFTConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 40
-    lr: float = 2e-6
+    max_steps: int = 36
+    lr: float = 7e-6
     weight_decay: float = 0.0
     lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0

@@ -164,7 +164,7 @@ def load_policy(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
             **(spec.tiny or {}),
         )
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         return model, tokenizer
     where = _resolve(spec)
     tokenizer = _load_tokenizer(where, spec)

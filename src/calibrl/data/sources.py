@@ -82,7 +82,7 @@ VERIFIERS: Registry[Verifier] = Registry("verifier")
 
 
 def _normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().strip(".").strip()).lower()
+    return re.sub(r"\s+", " ", text.strip().removesuffix(".").strip()).lower()
 
 
 @VERIFIERS.register("exact")
@@ -177,7 +177,7 @@ def _load_table(path: str, split: str, subset: str | None) -> list[dict[str, Any
         if local.suffix not in builders:
             raise ValueError(f"data.path {path!r}: unsupported file type; use one of {sorted(builders)}")
         ds = datasets.load_dataset(builders[local.suffix], data_files=str(local), split="train")
-    elif local.exists() or path.startswith((".", "/", "~")):
+    elif local.exists() or path.startswith((".", "/", "~")) or local.suffix in builders:
         if not local.exists():
             raise FileNotFoundError(f"data.path {path!r} does not exist")
         ds = datasets.load_dataset(str(local), subset, split=split)
@@ -193,7 +193,7 @@ def _rows_to_examples(rows: list[dict[str, Any]], fields: Mapping[str, str | Non
         for key in ("question", "answer"):
             col = fields.get(key)
             if not col or col not in row or row[col] is None or str(row[col]).strip() == "":
-                raise ValueError(f"{where}: row {i} has no value for field {key!r} (column {col!r})")
+                raise ValueError(f"{where}: row {i + 1} (1-based) has no value for field {key!r} (column {col!r})")
             values[key] = str(row[col])
         id_col, slice_col = fields.get("id"), fields.get("slice")
         out.append(

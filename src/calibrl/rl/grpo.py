@@ -194,14 +194,15 @@ class GRPOTrainer:
             advantages: float ``[B*G]``.
 
         Returns:
-            ``loss``, ``clip_fraction``, ``kl`` (NaN when ``beta == 0``), ``grad_norm``.
+            ``loss``, ``clip_fraction``, ``grad_norm``, and ``kl`` (mean k3 estimate per
+            completion token) when ``beta > 0``.
         """
         s = self.s
         mask = rollout.completion_mask
         n_tokens = float(mask.sum().clamp_min(1))
         n_seqs = float(len(rollout))
         active = torch.arange(len(rollout)) if s.beta > 0 else torch.nonzero(advantages != 0).flatten()
-        out = {"loss": 0.0, "clip_fraction": 0.0, "kl": float("nan"), "grad_norm": 0.0}
+        out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if s.beta > 0 else {})
         if active.numel() == 0:
             return out
         sub = rollout.select(active)
@@ -233,7 +234,7 @@ class GRPOTrainer:
                     ref_logp=ref[k] if ref is not None else None,
                 )
                 res.loss.backward()
-                loss_sum += float(res.loss)
+                loss_sum += float(res.loss.detach())
                 clipped += float(res.clipped_tokens)
                 kl_sum += float(res.kl_sum)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm))
@@ -244,12 +245,9 @@ class GRPOTrainer:
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-        out.update(
-            loss=loss_sum,
-            clip_fraction=clipped / n_tokens,
-            kl=kl_sum / n_tokens if s.beta > 0 else float("nan"),
-            grad_norm=grad_norm,
-        )
+        out.update(loss=loss_sum, clip_fraction=clipped / n_tokens, grad_norm=grad_norm)
+        if s.beta > 0:
+            out["kl"] = kl_sum / n_tokens
         return out
 
     def step(self) -> dict[str, float]:

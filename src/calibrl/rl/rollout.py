@@ -53,17 +53,22 @@ class Rollout:
         )
 
 
-def _completion_mask(ids: torch.Tensor, texts_upto_eos: list[str], eos_id: int, stop: str | None) -> torch.Tensor:
-    # ids: [N, L]. Keep tokens up to and including the first EOS. generate() pads rows that ended
-    # on a stop string with pad (== EOS for many tokenizers): that EOS was never sampled, so drop it.
+def _completion_mask(ids: torch.Tensor, texts: list[str], end_ids: set[int], eos_id: int, stop: str | None) -> torch.Tensor:
+    """``[N, L]`` 0/1 mask of the sampled tokens of each row.
+
+    A row ends at its first EOS or pad token (``end_ids``); ``texts[i]`` is row i decoded up to
+    there. A row whose text ends with the stop string stopped on it, so the token at the end
+    position is padding from ``generate`` and is dropped; otherwise a sampled EOS is kept (the
+    policy chose to stop) and a pad token is dropped.
+    """
     n, length = ids.shape
-    is_eos = ids == eos_id
-    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full((n,), length))
-    for i, text in enumerate(texts_upto_eos):
-        if stop and first[i] < length and text.rstrip().endswith(stop):
-            first[i] -= 1
-    keep = torch.arange(length).unsqueeze(0) <= first.unsqueeze(1)
-    return keep.long()
+    keep = torch.zeros((n, length), dtype=torch.long)
+    for i, (row, text) in enumerate(zip(ids.tolist(), texts)):
+        end = next((t for t, tok in enumerate(row) if tok in end_ids), length)
+        stopped = bool(stop) and text.rstrip().endswith(stop)
+        include_end = end < length and row[end] == eos_id and not stopped
+        keep[i, : end + int(include_end)] = 1
+    return keep
 
 
 @torch.no_grad()
@@ -113,18 +118,18 @@ def generate_rollout(
     model.train(was_training)
     p = enc.input_ids.shape[1]
     completion_ids = out[:, p:]
-    eos = tokenizer.eos_token_id
-    upto_eos = []
+    end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    texts = []
     for row in completion_ids.tolist():
-        cut = row.index(eos) if eos in row else len(row)
-        upto_eos.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    mask = _completion_mask(completion_ids, upto_eos, eos, stop_string)
+        cut = next((t for t, tok in enumerate(row) if tok in end_ids), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    mask = _completion_mask(completion_ids, texts, end_ids, tokenizer.eos_token_id, stop_string)
     return Rollout(
         prompt_ids=enc.input_ids.repeat_interleave(group_size, dim=0),
         prompt_mask=enc.attention_mask.repeat_interleave(group_size, dim=0),
         completion_ids=completion_ids,
         completion_mask=mask,
-        texts=upto_eos,
+        texts=texts,
         group_index=torch.arange(len(prompts)).repeat_interleave(group_size),
     )
 
@@ -168,7 +173,7 @@ def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True)
             input_ids=rollout.completion_ids,
             attention_mask=attn,
             position_ids=positions[:, rollout.prompt_ids.shape[1] :],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=length,
         )
