@@ -102,14 +102,23 @@ def test_cli_unknown_group_option_lists_choices():
 
 def test_cli_unknown_reward_component_fails_before_loading(tmp_path):
     out = _cli("model=tiny", "debug=default", "+reward.weights.bier=1.0", f"hydra.run.dir={tmp_path}")
-    assert out.returncode != 0
-    assert "unknown reward component 'bier'" in out.stderr and "brier" in out.stderr
+    assert out.returncode == 2
+    assert "unknown reward component 'bier'; valid choices: brier, correctness, format" in out.stderr
+    assert "Traceback" not in out.stderr  # a config mistake is one line, not a stack trace
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_missing_local_paths_fail_before_any_work(tmp_path):
+    out = _cli("model=hf", "model.name_or_path=/does/not/exist", "debug=default", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2 and "model.name_or_path '/does/not/exist' does not exist" in out.stderr
+    out = _cli("model=tiny", "debug=default", "data=jsonl", "data.path=missing.jsonl", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 2 and "data.path 'missing.jsonl' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_cli_zero_format_weight_is_refused(tmp_path):
     out = _cli("model=tiny", "debug=default", "reward.weights.format=0", f"hydra.run.dir={tmp_path}")
-    assert out.returncode != 0 and "format" in out.stderr and "strictly" in out.stderr
+    assert out.returncode == 2 and "format" in out.stderr and "strictly" in out.stderr
 
 
 def test_cli_strips_launcher_local_rank(tmp_path):

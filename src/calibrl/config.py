@@ -10,12 +10,22 @@ bad name or an unsafe reward mix fails before any model is loaded, with the vali
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-__all__ = ["Config", "register_schema", "validate"]
+__all__ = ["Config", "ConfigError", "register_schema", "validate"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: unknown registry name, inconsistent or unsafe settings."""
+
+
+def _local_path(path: str) -> bool:
+    # What the loaders treat as a local path rather than a hub id.
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (".jsonl", ".json", ".parquet", ".csv")
 
 
 @dataclass
@@ -123,7 +133,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0
-    micro_batch_size: int = 16
+    micro_batch_size: int = 32
     max_grad_norm: float = 1.0
     bf16: bool = True
     num_threads: int = 0  # 0: torch's default
@@ -181,36 +191,40 @@ def register_schema() -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Resolve every registry name and build the reward function, before any heavy work.
+    """Resolve every registry name, build the reward function and check local paths, before any
+    heavy work.
 
     Raises:
-        KeyError: an unknown registry name (message lists the valid choices).
-        ValueError: inconsistent settings (message names the key).
+        ConfigError: an unknown registry name (the message lists the valid choices) or
+            inconsistent settings (the message names the key).
+        FileNotFoundError: a local model or data path that does not exist.
     """
     from calibrl.data.prompts import CONFIDENCE_POLICIES
     from calibrl.data.sources import SOURCES, VERIFIERS
     from calibrl.rewards import RewardFunction
     from calibrl.rl.loss import LOSS_AGG
 
-    RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
-    LOSS_AGG.get(cfg.algo.loss_agg)
-    SOURCES.get(cfg.data.source)
-    if cfg.data.source == "hf":
-        VERIFIERS.get(cfg.data.verifier)
-        if not cfg.data.path:
-            raise ValueError("data.source=hf needs data.path (a hub id or a local file)")
-    if cfg.data.source == "reasoning_gym" and not cfg.data.task:
-        raise ValueError("data.source=reasoning_gym needs data.task")
-    CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
-    if cfg.model.kind not in ("gguf", "tiny", "hf"):
-        raise KeyError(f"unknown model.kind {cfg.model.kind!r}; valid choices: gguf, hf, tiny")
-    if cfg.logger.mode not in ("offline", "online", "disabled"):
-        raise KeyError(f"unknown logger.mode {cfg.logger.mode!r}; valid choices: disabled, offline, online")
-    if cfg.algo.name != "grpo":
-        raise KeyError(f"unknown algo.name {cfg.algo.name!r}; valid choices: grpo")
-    if cfg.deepspeed.enabled:
-        raise ValueError("deepspeed.enabled=true is not supported yet; use deepspeed=none")
-    for key, value in (
+    try:
+        RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
+        LOSS_AGG.get(cfg.algo.loss_agg)
+        SOURCES.get(cfg.data.source)
+        if cfg.data.source == "hf":
+            VERIFIERS.get(cfg.data.verifier)
+        CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
+    except KeyError as err:
+        raise ConfigError(err.args[0]) from err
+    checks = [
+        (cfg.data.source == "hf" and not cfg.data.path, "data.source=hf needs data.path (a hub id or a local file)"),
+        (cfg.data.source == "reasoning_gym" and not cfg.data.task, "data.source=reasoning_gym needs data.task"),
+        (cfg.model.kind not in ("gguf", "tiny", "hf"), f"unknown model.kind {cfg.model.kind!r}; valid choices: gguf, hf, tiny"),
+        (cfg.logger.mode not in ("offline", "online", "disabled"),
+         f"unknown logger.mode {cfg.logger.mode!r}; valid choices: disabled, offline, online"),
+        (cfg.algo.name != "grpo", f"unknown algo.name {cfg.algo.name!r}; valid choices: grpo"),
+        (cfg.deepspeed.enabled, "deepspeed.enabled=true is not supported yet; use deepspeed=none"),
+        (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
+        (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
+    ]
+    for key, low in (
         ("algo.group_size", 2),
         ("algo.prompts_per_step", 1),
         ("algo.max_new_tokens", 1),
@@ -220,9 +234,11 @@ def validate(cfg: DictConfig) -> None:
         ("data.train_size", 1),
         ("eval.batch_size", 1),
     ):
-        if OmegaConf.select(cfg, key) < value:
-            raise ValueError(f"{key} must be >= {value}, got {OmegaConf.select(cfg, key)}")
-    if cfg.algo.temperature <= 0:
-        raise ValueError("algo.temperature must be > 0 (rollouts are sampled)")
-    if cfg.trainer.max_steps < 0:
-        raise ValueError("trainer.max_steps must be >= 0")
+        checks.append((OmegaConf.select(cfg, key) < low, f"{key} must be >= {low}, got {OmegaConf.select(cfg, key)}"))
+    for failed, message in checks:
+        if failed:
+            raise ConfigError(message)
+    for key, path in (("model.name_or_path", cfg.model.kind == "hf" and cfg.model.name_or_path),
+                      ("data.path", cfg.data.source == "hf" and cfg.data.path)):
+        if path and _local_path(path) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{key} {path!r} does not exist")

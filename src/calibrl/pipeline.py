@@ -12,6 +12,7 @@ log call, flushed each time), ``eval_<stage>.jsonl`` (per-example predictions), 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -45,6 +46,19 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _settings(cls: type, *nodes: DictConfig, **explicit: Any) -> Any:
+    """Build the settings dataclass ``cls`` by field name: ``explicit`` first, then the first
+    config node that has the field (so a renamed field fails loudly instead of shifting)."""
+    values = dict(explicit)
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            node = next((n for n in nodes if f.name in n), None)
+            if node is None:
+                raise KeyError(f"no config value for {cls.__name__}.{f.name}")
+            values[f.name] = node[f.name]
+    return cls(**values)
 
 
 def _scheduler(name: str, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
@@ -104,9 +118,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     fmt = CompletionFormat(**cfg.prompt.tags)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     autocast = torch.bfloat16 if cfg.trainer.bf16 else None
-    eval_settings = EvalSettings(
-        cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.do_sample, cfg.eval.temperature, cfg.eval.n_bins
-    )
+    eval_settings = _settings(EvalSettings, cfg.eval)
     lg = cfg.logger
     tracker = Tracker(
         run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,
@@ -131,10 +143,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             run_eval("raw")
         sft_cfg = cfg.trainer.sft
         if sft_cfg.enabled:
-            ss = SFTSettings(
-                sft_cfg.num_examples, sft_cfg.epochs, sft_cfg.batch_size, sft_cfg.confidence.policy,
-                {k: v for k, v in sft_cfg.confidence.items() if k != "policy"}, cfg.seed, cfg.trainer.bf16,
-                cfg.trainer.max_grad_norm,
+            ss = _settings(
+                SFTSettings, sft_cfg, cfg.trainer,
+                confidence_policy=sft_cfg.confidence.policy,
+                confidence_kwargs={k: v for k, v in sft_cfg.confidence.items() if k != "policy"},
+                seed=cfg.seed,
             )
             total = num_sft_steps(len(splits.train), ss)
             opt = _optimizer(model, sft_cfg.lr, cfg.trainer.weight_decay)
@@ -151,11 +164,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         run_eval("sft" if sft_cfg.enabled else "start")
 
         a, t = cfg.algo, cfg.trainer
-        settings = GRPOSettings(
-            a.group_size, a.prompts_per_step, a.max_new_tokens, a.temperature, a.top_p, a.scale_rewards,
-            a.std_floor, a.clip_low, a.clip_high, a.beta, a.loss_agg, a.ppo_epochs, t.micro_batch_size,
-            t.max_grad_norm, t.bf16,
-        )
+        settings = _settings(GRPOSettings, a, t)
         reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
         opt = _optimizer(model, t.lr, t.weight_decay)
         trainer = GRPOTrainer(

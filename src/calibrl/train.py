@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from calibrl.config import register_schema
+from calibrl.config import ConfigError, register_schema, validate
 
 CONF_DIR = Path(os.environ.get("CALIBRL_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 VERSION_BASE = "1.3"
@@ -32,6 +32,12 @@ register_schema()
 def _hydra_main(cfg: DictConfig) -> None:
     from calibrl.pipeline import run
 
+    try:
+        validate(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        # A configuration mistake: one clear line, no traceback, before any work starts.
+        print(f"calibrl-train: {err}", file=sys.stderr)
+        sys.exit(2)
     run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

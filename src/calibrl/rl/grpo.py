@@ -87,7 +87,7 @@ class GRPOSettings:
     beta: float = 0.0
     loss_agg: str = "token_mean"
     ppo_epochs: int = 1
-    micro_batch_size: int = 16
+    micro_batch_size: int = 32
     max_grad_norm: float = 1.0
     bf16: bool = True
 

@@ -39,7 +39,7 @@ class SFTSettings:
     num_examples: int = 400
     epochs: int = 2
     batch_size: int = 8
-    confidence_policy: str = "mixed"
+    confidence_policy: str = "uniform"
     confidence_kwargs: dict[str, float] | None = None
     seed: int = 0
     bf16: bool = True
