@@ -211,7 +211,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.data.source == "hf":
             VERIFIERS.get(cfg.data.verifier)
         CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
-    except KeyError as err:
+    except (KeyError, ValueError) as err:
         raise ConfigError(err.args[0]) from err
     checks = [
         (cfg.data.source == "hf" and not cfg.data.path, "data.source=hf needs data.path (a hub id or a local file)"),
