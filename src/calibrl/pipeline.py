@@ -98,7 +98,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         Stage name (``raw``, ``sft``, ``final``) -> eval metrics.
 
     Raises:
-        KeyError / ValueError: invalid configuration (raised before any model is loaded).
+        ConfigError / FileNotFoundError: invalid configuration or a missing local path (raised by
+            :func:`calibrl.config.validate` before any data or model is loaded).
     """
     validate(cfg)
     run_dir = Path(run_dir)
@@ -109,8 +110,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
 
-    d = cfg.data
-    splits: DataSplits = build_splits(**OmegaConf.to_container(d, resolve=True))
+    splits: DataSplits = build_splits(**OmegaConf.to_container(cfg.data, resolve=True))
     log.info("data %s: %d train / %d eval examples", splits.name, len(splits.train), len(splits.eval))
     reward_fn = RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
