@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-__all__ = ["Config", "ConfigError", "register_schema", "validate"]
+__all__ = ["Config", "ConfigError", "EvalJobConfig", "register_schema", "validate"]
 
 
 class ConfigError(ValueError):
@@ -148,8 +148,15 @@ class EvalConfig:
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0
+    n_samples: int = 1
     n_bins: int = 10
-    during_train_size: int = 128
+    confident_threshold: float = 0.9
+    window: int = 16
+    intrinsic: bool = True
+    n_bootstrap: int = 1000
+    ci_level: float = 0.95
+    seed: int = II("seed")
+    slice_by: list[str] = field(default_factory=lambda: ["slice"])
     raw_model: bool = False
 
 
@@ -185,9 +192,32 @@ class Config:
     experiment_name: str = "default"
 
 
+@dataclass
+class EvalJobConfig:
+    """Schema of ``calibrl-eval`` (``conf/eval.yaml``)."""
+
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING  # the in-domain eval set
+    prompt: PromptConfig = MISSING
+    reward: RewardConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval_sets: dict[str, DataConfig] = field(default_factory=dict)  # out-of-domain sets
+    checkpoint: Optional[str] = None  # run directory | HF model directory | model preset | None
+    use_run_config: bool = True
+    bf16: bool = True
+    num_threads: int = 0
+    plots: bool = True
+    seed: int = 0
+    experiment_name: str = "eval"
+
+
 def register_schema() -> None:
-    """Register :class:`Config` as ``calibrl_schema`` (idempotent)."""
+    """Register :class:`Config` as ``calibrl_schema`` and :class:`EvalJobConfig` as
+    ``calibrl_eval_schema`` (idempotent)."""
     ConfigStore.instance().store(name="calibrl_schema", node=Config)
+    ConfigStore.instance().store(name="calibrl_eval_schema", node=EvalJobConfig)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -201,6 +231,7 @@ def validate(cfg: DictConfig) -> None:
     """
     from calibrl.data.prompts import CONFIDENCE_POLICIES
     from calibrl.data.sources import SOURCES, VERIFIERS
+    from calibrl.evaluation import EvalSettings
     from calibrl.rewards import RewardFunction
     from calibrl.rl.loss import LOSS_AGG
 
@@ -211,6 +242,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.data.source == "hf":
             VERIFIERS.get(cfg.data.verifier)
         CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
+        EvalSettings.from_config(cfg.eval)
     except (KeyError, ValueError) as err:
         raise ConfigError(err.args[0]) from err
     checks = [
@@ -232,7 +264,6 @@ def validate(cfg: DictConfig) -> None:
         ("trainer.micro_batch_size", 1),
         ("data.eval_size", 1),
         ("data.train_size", 1),
-        ("eval.batch_size", 1),
     ):
         checks.append((OmegaConf.select(cfg, key) < low, f"{key} must be >= {low}, got {OmegaConf.select(cfg, key)}"))
     for failed, message in checks:

@@ -5,7 +5,8 @@ the step they follow (0 for the raw model, S after the warm-up, S+R at the end),
 eval records at the same step are both kept.
 
 Files in the run directory: ``config_resolved.yaml``, ``metrics.jsonl`` (one JSON object per
-log call, flushed each time), ``eval_<stage>.jsonl`` (per-example predictions), ``summary.json``
+log call, flushed each time), ``eval_<stage>.jsonl`` (per-sample predictions), ``eval_<stage>.json``
+(the eval report with bootstrap CIs, see :mod:`calibrl.evaluation`), ``summary.json``
 (the before/after table), ``checkpoint/`` (final HF model and tokenizer), ``wandb/`` (offline run).
 """
 
@@ -25,10 +26,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from calibrl.config import validate
+from calibrl.config import ConfigError, validate
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.data.sources import DataSplits
-from calibrl.evaluation import EvalSettings, evaluate
+from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, write_predictions
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import CompletionFormat, RewardFunction
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
@@ -39,7 +40,10 @@ __all__ = ["run", "SUMMARY_METRICS"]
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("accuracy", "format_rate", "confidence_mean", "ece", "brier", "auroc")
+SUMMARY_METRICS = (
+    "accuracy", "format_rate", "confidence_mean", "ece", "brier", "auroc", "aurc", "confident_error_rate",
+    "answer_prob/ece", "answer_prob/auroc",
+)
 
 
 def _seed_everything(seed: int) -> None:
@@ -83,7 +87,7 @@ def _print_table(results: dict[str, dict[str, float]], name: str) -> None:
     for stage in results:
         table.add_column(stage, justify="right")
     for m in SUMMARY_METRICS:
-        table.add_row(m, *(f"{results[s][m]:.3f}" for s in results))
+        table.add_row(m, *(f"{results[s].get(m, float('nan')):.3f}" for s in results))
     slices = sorted({k.split("/")[1] for r in results.values() for k in r if k.startswith("slice/")})
     for s in slices:
         for m in ("accuracy", "confidence_mean"):
@@ -112,13 +116,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
 
     splits: DataSplits = build_splits(**OmegaConf.to_container(cfg.data, resolve=True))
     log.info("data %s: %d train / %d eval examples", splits.name, len(splits.train), len(splits.eval))
+    eval_settings = EvalSettings.from_config(cfg.eval)
+    try:
+        check_slice_fields(splits.eval, eval_settings.slice_by, splits.name)
+    except ValueError as err:
+        raise ConfigError(err.args[0]) from err
     reward_fn = RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     model, tokenizer = load_policy(spec)
     fmt = CompletionFormat(**cfg.prompt.tags)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     autocast = torch.bfloat16 if cfg.trainer.bf16 else None
-    eval_settings = _settings(EvalSettings, cfg.eval)
     lg = cfg.logger
     tracker = Tracker(
         run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,
@@ -129,13 +137,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     step = 0
 
     def run_eval(stage: str) -> None:
-        with tqdm(total=len(splits.eval), desc=f"eval [{stage}]", unit="ex", leave=False) as bar:
-            metrics = evaluate(
+        with tqdm(total=len(splits.eval), desc=f"eval [{stage}]", unit="question", leave=False) as bar:
+            result = evaluate(
                 model, tokenizer, prompts, splits.eval, splits.is_correct, reward_fn, eval_settings,
-                autocast_dtype=autocast, predictions_path=run_dir / f"eval_{stage}.jsonl", progress=bar.update,
+                dataset=splits.name, autocast_dtype=autocast, progress=bar.update,
             )
-        results[stage] = metrics
-        tracker.log({f"eval/{splits.name}/{k}": v for k, v in metrics.items()}, step=step)
+        write_predictions(result, run_dir / f"eval_{stage}.jsonl")
+        (run_dir / f"eval_{stage}.json").write_text(json.dumps(result.report, indent=2))
+        results[stage] = result.scalars()
+        tracker.log({f"eval/{splits.name}/{k}": v for k, v in results[stage].items()}, step=step)
 
     exit_code = 1
     try:

@@ -92,6 +92,23 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def log_media(
+        self, images: dict[str, Path], tables: dict[str, list[dict[str, Any]]], step: int | None = None
+    ) -> None:
+        """Send images (PNG paths) and tables (rows as dicts, one column per key; nested values
+        are JSON-encoded) to W&B. The metrics file only holds numbers, so this is a no-op
+        without W&B; the files themselves stay in the run directory."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        media: dict[str, Any] = {k: wandb.Image(str(p)) for k, p in images.items()}
+        for key, rows in tables.items():
+            columns = list(rows[0]) if rows else []
+            data = [[json.dumps(r[c]) if isinstance(r[c], (dict, list)) else r[c] for c in columns] for r in rows]
+            media[key] = wandb.Table(columns=columns, data=data)
+        self.wandb_run.log(media, step=step if step is not None else max(self._last_step, 0))
+
     def summary(self, values: dict[str, Any]) -> None:
         """Set W&B run summary values (e.g. final metrics)."""
         if self.wandb_run is not None:

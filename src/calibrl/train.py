@@ -34,14 +34,15 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     try:
         validate(cfg)
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, FileNotFoundError) as err:
-        # A configuration mistake: one clear line, no traceback, before any work starts.
+        # A configuration mistake (found before training starts): one clear line, no traceback.
         print(f"calibrl-train: {err}", file=sys.stderr)
         sys.exit(2)
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-def _strip_launcher_flags(argv: list[str]) -> list[str]:
+def strip_launcher_flags(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank``/``--local-rank`` flags that launchers append."""
     out, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
@@ -56,15 +57,16 @@ def _strip_launcher_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def unknown_key_message(overrides: list[str]) -> str | None:
-    """If a ``key=value`` override names a key the config does not have, a message naming the
-    closest keys and every valid key under its parent; else ``None``."""
+def unknown_key_message(overrides: list[str], config_name: str = "config") -> str | None:
+    """If a ``key=value`` override names a key the config ``config_name`` (in ``CONF_DIR``) does
+    not have, a message naming the closest keys and every valid key under its parent; else
+    ``None``."""
     from hydra import compose, initialize_config_dir
 
     plain = [o for o in overrides if "=" in o and not o.startswith(("+", "~", "-", "hydra."))]
     with initialize_config_dir(str(CONF_DIR), version_base=VERSION_BASE):
         try:
-            compose("config", overrides=plain)
+            compose(config_name, overrides=plain)
             return None
         except Exception as err:  # noqa: BLE001 - Hydra wraps the cause in several types
             text = f"{err} {err.__cause__}"
@@ -73,7 +75,7 @@ def unknown_key_message(overrides: list[str]) -> str | None:
             return None
         key = m.group(1)
         try:
-            base = compose("config", overrides=[o for o in plain if o.split("=", 1)[0] != key])
+            base = compose(config_name, overrides=[o for o in plain if o.split("=", 1)[0] != key])
         except Exception:  # noqa: BLE001
             return None
     parent, _, leaf = key.rpartition(".")
@@ -89,7 +91,7 @@ def unknown_key_message(overrides: list[str]) -> str | None:
 
 def main() -> None:
     """Console-script entry (``calibrl-train``)."""
-    sys.argv = [sys.argv[0], *_strip_launcher_flags(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *strip_launcher_flags(sys.argv[1:])]
     message = unknown_key_message(sys.argv[1:])
     if message:
         print(f"calibrl-train: {message}", file=sys.stderr)

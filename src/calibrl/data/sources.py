@@ -38,6 +38,9 @@ class Example:
         question: the task text shown to the model.
         answer: the reference answer (a string).
         slice: group label used for per-slice metrics (e.g. difficulty); ``"all"`` when unset.
+        fields: scalar attributes an evaluation can slice by (reasoning-gym: the task name as
+            ``task`` and the scalar metadata, e.g. ``num_terms``; hf: the row's scalar columns
+            other than question and answer).
         meta: source-specific data the verifier needs (e.g. the reasoning-gym entry).
     """
 
@@ -45,7 +48,25 @@ class Example:
     question: str
     answer: str
     slice: str = "all"
+    fields: Mapping[str, str | int | float | bool] = field(default_factory=dict, compare=False, hash=False)
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def field_value(self, name: str) -> str:
+        """The value of ``name`` as a slice label: ``"slice"`` is :attr:`slice`, any other name is
+        looked up in :attr:`fields`.
+
+        Raises:
+            KeyError: ``name`` is not a field of this example (the message lists the fields).
+        """
+        if name == "slice":
+            return self.slice
+        if name not in self.fields:
+            raise KeyError(f"example {self.id!r} has no field {name!r}; available: slice, {', '.join(sorted(self.fields))}")
+        return str(self.fields[name])
+
+
+def _scalars(mapping: Mapping[str, Any], exclude: Sequence[str] = ()) -> dict[str, str | int | float | bool]:
+    return {k: v for k, v in mapping.items() if isinstance(v, (str, int, float, bool)) and k not in exclude}
 
 
 @dataclass
@@ -130,7 +151,7 @@ def reasoning_gym_source(
     slice_fields: Sequence[str] = (),
     **_: Any,
 ) -> DataSplits:
-    """Build splits from a reasoning-gym task.
+    """Build splits from a reasoning-gym task (``train_size=0``: eval rows only).
 
     Raises:
         ValueError: unknown task (the message lists the registered ones) or bad task kwargs.
@@ -153,6 +174,7 @@ def reasoning_gym_source(
                 question=entry["question"],
                 answer=str(entry["answer"]),
                 slice=_slice_of(entry.get("metadata", {}), slice_fields),
+                fields={"task": task, **_scalars(entry.get("metadata", {}))},
                 meta={"entry": entry, "dataset": ds},
             )
             for i, entry in enumerate(ds)
@@ -160,7 +182,8 @@ def reasoning_gym_source(
         return ds, rows
 
     _, eval_rows = make(eval_size, eval_seed, "eval")
-    _, train_rows = make(train_size, train_seed, "train")
+    # train_size=0: an eval-only set (calibrl-eval), no training rows are built.
+    _, train_rows = make(train_size, train_seed, "train") if train_size > 0 else (None, [])
 
     def verify(answer: str, example: Example) -> float:
         return float(example.meta["dataset"].score_answer(answer, example.meta["entry"]))
@@ -202,6 +225,7 @@ def _rows_to_examples(rows: list[dict[str, Any]], fields: Mapping[str, str | Non
                 question=values["question"],
                 answer=values["answer"],
                 slice=str(row[slice_col]) if slice_col and row.get(slice_col) is not None else "all",
+                fields=_scalars(row, exclude=(fields.get("question"), fields.get("answer"))),
                 meta={"row": row},
             )
         )
@@ -227,7 +251,7 @@ def hf_source(
 
     With ``eval_split`` set, eval rows come from that split; otherwise ``eval_size`` rows are
     held out of ``train_split`` by a shuffle seeded with ``eval_seed``. Train rows are then
-    shuffled with ``train_seed`` and cut to ``train_size``.
+    shuffled with ``train_seed`` and cut to ``train_size`` (0: an eval-only set, no train rows).
 
     Raises:
         FileNotFoundError: a local path that does not exist.
@@ -248,7 +272,7 @@ def hf_source(
         train = [rows[i] for i in order[eval_size:]]
     random.Random(train_seed).shuffle(train)
     train = _disjoint(train, held)[:train_size]
-    if not train or not held:
+    if (train_size > 0 and not train) or not held:
         raise ValueError(f"{path}: {len(train)} train and {len(held)} eval rows; both splits need rows")
     return DataSplits(name, train, held, verify)
 

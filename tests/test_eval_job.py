@@ -1,0 +1,139 @@
+"""calibrl-eval end to end on a tiny run: the files it writes, agreement with the training eval,
+checkpoint kinds, out-of-domain and local JSONL sets, and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from calibrl.pipeline import run
+from calibrl.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _eval_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "calibrl.eval_cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "debug=default", "trainer.eval_every=1", "trainer.max_steps=2"])
+    run(cfg, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def eval_out(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    proc = _eval_cli(f"checkpoint={tiny_run}", f"hydra.run.dir={out}", "logger.mode=offline",
+                     "eval_sets.products.eval_size=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_writes_report_predictions_plots_and_wandb(eval_out):
+    out, proc = eval_out
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["datasets"]) == {"chain_sum", "products"}
+    cs = report["datasets"]["chain_sum"]
+    assert cs["n_questions"] == 8 and cs["accuracy"]["n_valid"] >= 0
+    for key in ("value", "ci_low", "ci_high", "n_valid"):
+        assert key in cs["accuracy"]
+    preds = _records(out / "predictions.jsonl")
+    # debug=default: 8 in-domain questions, 4 out-of-domain, 1 sample each.
+    assert len(preds) == 12 and {p["dataset"] for p in preds} == {"chain_sum", "products"}
+    assert {"id", "completion", "answer", "confidence", "answer_prob", "lowest_window_prob", "correct"} <= set(preds[0])
+    assert list((out / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert "chain_sum" in proc.stdout and "eval.json" in proc.stdout
+
+
+def test_plots_written_when_a_completion_is_well_formed(tiny_run, tmp_path):
+    # A random tiny model never writes the format, so plots come from a hand-made result.
+    from calibrl.eval_job import _plots
+    from calibrl.evaluation import EvalResult, EvalSettings
+
+    rows = [{"correct": c, "format_ok": True, "confidence": q, "answer_prob": 0.5, "lowest_window_prob": None}
+            for q, c in ((0.9, 1), (0.2, 0), (0.7, 1))]
+    images = _plots(EvalResult("toy", rows), EvalSettings(), tmp_path)
+    assert set(images) == {"toy/reliability", "toy/confidence_hist"}
+    for path in images.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_numbers_equal_the_training_eval_of_the_same_checkpoint(tiny_run, eval_out):
+    out, _ = eval_out
+    train_evals = [r for r in _records(tiny_run / "metrics.jsonl") if "eval/chain_sum/accuracy" in r]
+    # trainer.eval_every=1 with 2 RL steps: after SFT, after step 1, final.
+    assert len(train_evals) == 3
+    final = train_evals[-1]
+    (record,) = _records(out / "metrics.jsonl")
+    keys = [k for k in final if k.startswith("eval/chain_sum/")]
+    assert keys and keys == [k for k in record if k.startswith("eval/chain_sum/")]
+    for k in keys:
+        assert _same(final[k], record[k]), (k, final[k], record[k])
+    # Same completions, too.
+    train_preds = _records(tiny_run / "eval_final.jsonl")
+    eval_preds = [p for p in _records(out / "predictions.jsonl") if p["dataset"] == "chain_sum"]
+    assert [p["completion"] for p in train_preds] == [p["completion"] for p in eval_preds]
+
+
+def test_hf_directory_and_cli_overrides_of_run_settings(tiny_run, tmp_path):
+    proc = _eval_cli(f"checkpoint={tiny_run / 'checkpoint'}", f"hydra.run.dir={tmp_path}", "logger.mode=disabled",
+                     "model.name=unused", "data.eval_size=3", "eval_sets=none", "eval.n_bootstrap=0", "bf16=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_records(tmp_path / "predictions.jsonl")) == 3
+    # A run directory's settings are used, but the command line still wins.
+    out = tmp_path / "samples"
+    proc = _eval_cli(f"checkpoint={tiny_run}", f"hydra.run.dir={out}", "logger.mode=disabled", "eval_sets=none",
+                     "eval.n_samples=2", "eval.do_sample=true", "eval.n_bootstrap=0", "data.eval_size=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())["datasets"]["chain_sum"]
+    assert report["n_questions"] == 3 and report["n_samples"] == 2
+    assert set(report["voting"]) == {"majority", "confidence_weighted", "best_of_n"}
+    assert len(_records(out / "predictions.jsonl")) == 6
+
+
+def test_local_jsonl_eval_set_from_the_command_line(tiny_run, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    proc = _eval_cli(f"checkpoint={tiny_run}", f"hydra.run.dir={out}", "logger.mode=disabled", "eval_sets=none",
+                     "+data@eval_sets.mine=jsonl", "eval_sets.mine.name=mine", f"eval_sets.mine.path={data}",
+                     "eval_sets.mine.eval_size=3", "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())["datasets"]
+    assert set(report) == {"chain_sum", "mine"} and report["mine"]["n_questions"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["checkpoint=/no/such/dir"], "is not a run directory"),
+        (["checkpoint=tiny", "eval.n_samples=3"], "needs eval.do_sample=true"),
+        (["checkpoint=tiny", "eval.windw=3"], "unknown config key 'eval.windw'"),
+        (["checkpoint=tiny", "eval.slice_by=[nope]", "eval_sets=none"], "no field 'nope'"),
+        (["checkpoint=tiny", "reward.weights.brierr=1"], "brierr"),
+    ],
+)
+def test_errors_are_one_clear_line(args, message, tmp_path):
+    proc = _eval_cli(*args, f"hydra.run.dir={tmp_path}", "logger.mode=disabled")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
