@@ -103,7 +103,14 @@ def _replace(cfg: DictConfig, key: str, value: Any) -> None:
     reward weights do not gain the default's components), keeping the node's schema type."""
     node_type = OmegaConf.get_type(cfg, key)
     if dataclasses.is_dataclass(node_type):
-        value = OmegaConf.merge(OmegaConf.structured(node_type), value)
+        # A run written by an older calibrl may hold keys the schema has since dropped; they are
+        # reported and left out (keys added since take their defaults).
+        known = {f.name for f in dataclasses.fields(node_type)}
+        value = OmegaConf.create(value) if not isinstance(value, DictConfig) else value
+        dropped = sorted(str(k) for k in value if k not in known)
+        if dropped:
+            log.warning("run config: %s.%s no longer exist(s); ignored", key, ", ".join(dropped))
+        value = OmegaConf.merge(OmegaConf.structured(node_type), {k: value[k] for k in value if k in known})
     cfg[key] = value
 
 
@@ -191,7 +198,7 @@ def _print_summary(results: dict[str, EvalResult]) -> None:
         ci = f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if np.isfinite(m.get("ci_low", np.nan)) else ""
         return f"{m['value']:.3f}{ci}"
 
-    console = Console(width=160)
+    console = Console(width=200)
     for name, res in results.items():
         r = res.report
         table = Table(title=f"{name}: {r['n_questions']} questions x {r['n_samples']} samples, "
