@@ -122,6 +122,23 @@ def test_reasoning_gym_unknown_slice_field_names_available_fields():
     assert "n_digits" in msg and "num_digits" in msg and "num_terms" in msg
 
 
+def test_reasoning_gym_fields_for_slicing(chain_sum):
+    e = chain_sum.eval[0]
+    meta = e.meta["entry"]["metadata"]
+    # the task name plus every scalar metadata value (the nested `difficulty` dict is left out)
+    assert e.fields["task"] == "chain_sum" and e.fields["num_terms"] == meta["num_terms"]
+    assert "difficulty" not in e.fields
+    assert e.field_value("slice") == e.slice == f"num_terms={meta['num_terms']},num_digits={meta['num_digits']}"
+    assert e.field_value("num_digits") == str(meta["num_digits"])
+    with pytest.raises(KeyError, match="no field 'level'; available: slice, expression, num_digits"):
+        e.field_value("level")
+
+
+def test_reasoning_gym_eval_only_set():
+    s = _chain_sum(train_size=0, eval_size=7)
+    assert s.train == [] and len(s.eval) == 7
+
+
 def test_is_correct_needs_a_full_score_and_survives_a_raising_verifier():
     e = Example(id="x", question="q", answer="a")
     half = DataSplits("d", [e], [e], lambda a, ex: 0.5)
@@ -271,6 +288,15 @@ def test_hf_unknown_verifier(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", _rows(6))
     with pytest.raises(KeyError, match="unknown verifier 'exactt'.*exact"):
         _hf(path, verifier="exactt")
+
+
+def test_hf_fields_and_eval_only_set(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", _rows(3))
+    s = _hf(path, eval_size=3, train_size=0)  # every row held out, none needed for training
+    assert s.train == [] and len(s.eval) == 3
+    e = next(e for e in s.eval if e.id == "u01")
+    # the row's scalar columns other than question and answer
+    assert dict(e.fields) == {"uid": "u01", "level": "hard"} and e.field_value("level") == "hard"
 
 
 def test_hf_too_few_rows_for_both_splits(tmp_path):

@@ -123,6 +123,16 @@ def test_local_jsonl_eval_set_from_the_command_line(tiny_run, tmp_path):
     assert set(report) == {"chain_sum", "mine"} and report["mine"]["n_questions"] == 3
 
 
+def test_run_directory_without_a_saved_model(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config_resolved.yaml").write_text((tiny_run / "config_resolved.yaml").read_text())
+    proc = _eval_cli(f"checkpoint={run_dir}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "without a saved model" in proc.stderr and "save_checkpoint=false" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -74,6 +74,24 @@ def test_tracker_non_finite_values_round_trip(tmp_path):
     assert math.isnan(rec["nan"]) and rec["inf"] == math.inf and rec["ninf"] == -math.inf
 
 
+def test_tracker_media_go_to_wandb_and_not_to_the_metrics_file(tmp_path):
+    from calibrl.plots import confidence_histogram
+
+    png = confidence_histogram([0.2, 0.9], [0, 1], tmp_path / "h.png")
+    t = Tracker(tmp_path / "run", {}, mode="offline")
+    t.log({"x": 1.0}, step=2)
+    t.log_media({"eval/hist": png}, {"predictions": [{"id": "a", "fields": {"k": 1}, "correct": 1}]})
+    run_dir = Path(t.wandb_run.dir)
+    t.close()
+    assert len(_records(tmp_path / "run" / "metrics.jsonl")) == 1  # numbers only
+    assert list(run_dir.glob("media/images/eval/hist*.png"))
+    (table,) = run_dir.glob("media/table/predictions*.table.json")
+    data = json.loads(table.read_text())
+    # nested values are JSON-encoded so every cell is a scalar
+    assert data["columns"] == ["id", "fields", "correct"] and data["data"] == [["a", '{"k": 1}', 1]]
+    Tracker(tmp_path / "off", {}, mode="disabled").log_media({"eval/hist": png}, {})  # a no-op without W&B
+
+
 def test_tracker_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="unknown logger.mode 'offlne'; valid choices: disabled, offline, online"):
         Tracker(tmp_path, {}, mode="offlne")
