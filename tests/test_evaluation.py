@@ -66,10 +66,15 @@ def test_voting_methods_pick_by_their_rule():
     report = _summarize(ROWS, _settings(), "d")
     maj = report["voting"]["majority"]
     # q1: A twice -> right; q2: only B votes (the malformed sample cannot) -> wrong. Accuracy 1/2.
-    assert maj["accuracy"] == 0.5 and maj["coverage"] == 1.0
-    # vote shares: q1 2/2 = 1.0 (right), q2 1/1 = 1.0 (wrong) -> mean confidence 1.0.
-    assert maj["confidence_mean"] == pytest.approx(1.0)
-    assert report["voting"]["best_of_n"]["confidence_mean"] == pytest.approx((0.8 + 0.9) / 2)
+    assert maj["accuracy"]["value"] == 0.5 and maj["coverage"] == 1.0
+    # vote shares: q1 2/2 = 1.0 (right), q2 1/1 = 1.0 (wrong) -> mean confidence 1.0, Brier
+    # ((1 - 1)^2 + (1 - 0)^2) / 2 = 0.5.
+    assert maj["confidence_mean"]["value"] == pytest.approx(1.0)
+    assert maj["brier"]["value"] == pytest.approx(0.5)
+    # best of n: q1 keeps 0.8 (right), q2 0.9 (wrong).
+    assert report["voting"]["best_of_n"]["confidence_mean"]["value"] == pytest.approx((0.8 + 0.9) / 2)
+    # confidence-weighted: q1 A weight 1.4 of 1.4 -> 1.0; q2 B 0.9 of 0.9 -> 1.0.
+    assert report["voting"]["confidence_weighted"]["confidence_mean"]["value"] == pytest.approx(1.0)
 
 
 def test_flat_scalars_keys_and_overconfidence():

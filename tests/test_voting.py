@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from calibrl.metrics.voting import VOTING_METHODS, aggregate, normalize_answer, voting_report
+from calibrl.metrics.voting import VOTING_METHODS, aggregate, normalize_answer
 
 NAN = math.nan
 
@@ -196,37 +196,3 @@ def test_none_confidence_means_missing():
     assert one("best_of_n", ["A", "B"], [None, 0.2]) == ("B", 0.2, 0, True)
 
 
-# --------------------------------------------------------------------------- voting_report
-
-
-def _brier(q: np.ndarray, c: np.ndarray) -> dict[str, float]:
-    return {"brier": float(np.mean((q - c) ** 2)), "n": float(len(q))}
-
-
-def test_voting_report_hand_values():
-    qids = ["q1", "q1", "q1", "q2", "q2"]
-    answers = ["A", "A", "B", None, "C"]
-    conf = [0.2, 0.2, 0.9, NAN, NAN]  # q2 has no well-formed sample
-    correct = [1, 1, 0, 0, 1]
-    rep = voting_report(qids, answers, conf, correct, _brier)
-    assert set(rep) == {"majority", "confidence_weighted", "best_of_n"}
-    # Every method: q2 has no vote -> coverage 1/2, and accuracy counts q2 as wrong.
-    # majority: q1 -> A (correct), q 2/3: accuracy 1/2, brier (2/3 - 1)^2 = 1/9
-    assert rep["majority"] == pytest.approx({"accuracy": 0.5, "coverage": 0.5, "brier": 1 / 9, "n": 1.0})
-    # weighted: q1 -> B (wrong), q 0.9/1.3 = 9/13: accuracy 0, brier (9/13)^2 = 81/169
-    assert rep["confidence_weighted"] == pytest.approx({"accuracy": 0.0, "coverage": 0.5, "brier": 81 / 169, "n": 1.0})
-    # best of n: q1 -> B (wrong), q 0.9: brier 0.81
-    assert rep["best_of_n"] == pytest.approx({"accuracy": 0.0, "coverage": 0.5, "brier": 0.81, "n": 1.0})
-
-
-def test_voting_report_without_any_vote_skips_metrics_fn():
-    def never(q, c):
-        raise AssertionError("metrics_fn must not be called without a vote")
-
-    rep = voting_report(["q1", "q2"], [None, "A"], [0.5, NAN], [1, 1], never)
-    assert rep["majority"] == {"accuracy": 0.0, "coverage": 0.0}
-
-
-def test_voting_report_rejects_reserved_metric_names():
-    with pytest.raises(ValueError, match="reserved key"):
-        voting_report(["q"], ["A"], [0.5], [1], lambda q, c: {"accuracy": 1.0})

@@ -211,8 +211,8 @@ def _print_summary(results: dict[str, EvalResult]) -> None:
         for signal, m in r["signals"].items():
             table.add_row(signal, str(m["n"]), *(fmt(m.get(c)) for c in cols))
         for method, m in r.get("voting", {}).items():
-            table.add_row(f"vote: {method}", f"acc {m['accuracy']:.3f}",
-                          *(f"{m[c]:.3f}" if c in m else "" for c in cols))
+            table.add_row(f"vote: {method}", f"acc {m['accuracy']['value']:.3f}",
+                          *(fmt(m[c]) if c in m else "" for c in cols))
         console.print(table)
         for field_name, labels in r["slices"].items():
             st = Table(title=f"{name} by {field_name} (verbalized confidence)")

@@ -22,7 +22,7 @@ is ``{"value", "ci_low", "ci_high", "n_valid"}`` with a seeded percentile bootst
     {"dataset", "n_questions", "n_samples", "accuracy", "format_rate",
      "signals": {signal: {"n": rows, metric: ...}},             # metric names: calibrl.metrics.scalar_metrics
      "slices": {field: {label: {"count", "accuracy", "format_rate", "signals": {signal: {metric: ...}}}}},
-     "voting": {method: {"accuracy", "coverage", "ece", "brier", "auroc", "confidence_mean"}}}  # n_samples > 1
+     "voting": {method: {"coverage": share, "accuracy", "ece", "brier", "auroc", "confidence_mean"}}}  # n_samples > 1
 
 Flat scalars (``EvalResult.scalars()``, logged as ``eval/<dataset>/<key>``): ``accuracy``,
 ``format_rate``, ``overconfidence`` (mean stated confidence minus accuracy, well-formed rows), every
@@ -47,8 +47,8 @@ import torch
 from calibrl.confidence_signals import SIGNALS, confidence_signals
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
-from calibrl.metrics import bootstrap_ci, metric_report
-from calibrl.metrics.voting import voting_report
+from calibrl.metrics import bootstrap_ci, metric_report, scalar_metrics
+from calibrl.metrics.voting import VOTING_METHODS, aggregate
 from calibrl.rewards import RewardFunction
 from calibrl.rl.rollout import generate_rollout
 from calibrl.scoring import score_completions
@@ -157,7 +157,7 @@ class EvalResult:
                 out[f"{prefix}/accuracy"] = s["accuracy"]["value"]
                 out |= {f"{prefix}/{k}": v["value"] for k, v in s["signals"].get("verbalized", {}).items() if k != "n"}
         for method, metrics in r.get("voting", {}).items():
-            out |= {f"vote/{method}/{k}": float(v) for k, v in metrics.items()}
+            out |= {f"vote/{method}/{k}": v["value"] if isinstance(v, dict) else v for k, v in metrics.items()}
         return out
 
 
@@ -277,13 +277,29 @@ def _summarize(rows: list[dict[str, Any]], settings: EvalSettings, dataset: str)
             for label, g in sorted(groups.items())
         }
     if settings.n_samples > 1:
-        report["voting"] = voting_report(
-            [r["id"] for r in rows], [r["answer"] for r in rows], _signal_values(rows, "verbalized"), correct,
-            lambda q, c: {k: v["value"] for k, v in metric_report(
-                q, c, n_bins=settings.n_bins, threshold=settings.confident_threshold, n_resamples=0,
-            ).items() if k in VOTE_METRICS},
-        )
+        report["voting"] = _voting(rows, settings)
     return report
+
+
+def _voting(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, dict[str, Any]]:
+    """Per voting method: ``coverage`` (share of questions with a vote, a plain number),
+    ``accuracy`` over all questions (no vote = wrong) and :data:`VOTE_METRICS` over the questions
+    that voted, each with a bootstrap CI over questions."""
+    ids, answers = [r["id"] for r in rows], [r["answer"] for r in rows]
+    conf, correct = _signal_values(rows, "verbalized"), [r["correct"] for r in rows]
+    metrics = {k: fn for k, fn in scalar_metrics(settings.n_bins, settings.confident_threshold).items() if k in VOTE_METRICS}
+    out = {}
+    for method in VOTING_METHODS.names():
+        res = aggregate(ids, answers, conf, correct, method)
+        entry: dict[str, Any] = {
+            "coverage": float(res.voted.mean()),
+            "accuracy": _mean_ci(res.correct.astype(np.float64), "accuracy", settings),
+        }
+        if res.voted.any():
+            entry |= bootstrap_ci(res.confidence[res.voted], res.correct[res.voted], metrics,
+                                  n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
+        out[method] = entry
+    return out
 
 
 def check_slice_fields(examples: Sequence[Example], slice_by: Sequence[str], dataset: str) -> None:

@@ -2,8 +2,8 @@
 
 Each sample is ``(question_id, answer, stated confidence, correct)``. :func:`aggregate` picks one
 answer per question with a voting method and gives it an aggregate confidence, so that the
-accuracy and calibration of the *aggregate* can be compared across methods
-(:func:`voting_report`). Pure Python/numpy; no models, no torch.
+accuracy and calibration of the *aggregate* can be compared across methods (as
+:mod:`calibrl.evaluation` reports them). Pure Python/numpy; no models, no torch.
 
 Policy, exactly as implemented:
 
@@ -52,7 +52,7 @@ import numpy as np
 
 from calibrl.registry import Registry
 
-__all__ = ["VOTING_METHODS", "VoteResult", "aggregate", "normalize_answer", "voting_report"]
+__all__ = ["VOTING_METHODS", "VoteResult", "aggregate", "normalize_answer"]
 
 # A method maps the vote keys of one question's voting samples (input order, m >= 1) and their
 # confidences (float [m], in [0, 1]) to (winning key, aggregate confidence in [0, 1]).
@@ -250,45 +250,3 @@ def aggregate(
         n_votes=n_votes_arr,
     )
 
-
-def voting_report(
-    question_ids: Sequence[str],
-    answers: Sequence[str | None],
-    confidences: Sequence[float],
-    correct: Sequence[bool | int],
-    metrics_fn: Callable[[np.ndarray, np.ndarray], Mapping[str, float]],
-) -> dict[str, dict[str, float]]:
-    """Accuracy, coverage and caller-chosen calibration metrics of every voting method.
-
-    For each method in :data:`VOTING_METHODS`: ``accuracy`` = mean aggregate correctness over
-    all Q questions (a question without a vote counts as wrong), ``coverage`` = share of
-    questions with a vote, both in [0, 1], plus ``metrics_fn(confidence[voted],
-    correct[voted])``, e.g. ``lambda q, c: {"ece": expected_calibration_error(q, c),
-    "brier": brier_score(q, c)}`` with the functions of :mod:`calibrl.metrics.calibration`.
-
-    ``metrics_fn`` is called only when at least one question voted; otherwise its keys are
-    absent from that method's entry and the caller decides how to log the gap.
-
-    Args:
-        question_ids, answers, confidences, correct: as for :func:`aggregate`, ``[N]`` each.
-        metrics_fn: ``(confidence float [V] in [0, 1], correct int [V] of 0/1) -> {name: value}``
-            over the V questions that voted.
-
-    Returns:
-        ``{method: {"accuracy": ..., "coverage": ..., **metrics_fn(...)}}``.
-
-    Raises:
-        ValueError: invalid inputs (see the module docstring), or ``metrics_fn`` returns a key
-            named ``accuracy`` or ``coverage``.
-    """
-    report: dict[str, dict[str, float]] = {}
-    for method in VOTING_METHODS.names():
-        res = aggregate(question_ids, answers, confidences, correct, method)
-        row = {"accuracy": float(res.correct.mean()), "coverage": float(res.voted.mean())}
-        if res.voted.any():
-            extra = dict(metrics_fn(res.confidence[res.voted], res.correct[res.voted]))
-            if clash := row.keys() & extra.keys():
-                raise ValueError(f"metrics_fn returned reserved key(s) {sorted(clash)}")
-            row |= extra
-        report[method] = row
-    return report
