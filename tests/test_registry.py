@@ -9,7 +9,9 @@ import pytest
 from calibrl.data.prompts import CONFIDENCE_POLICIES
 from calibrl.data.sources import SOURCES, VERIFIERS, build_splits
 from calibrl.registry import Registry
-from calibrl.rewards import COMBINERS, COMPONENTS
+from calibrl.objectives import COMBINERS
+from calibrl.rewards import COMPONENTS
+from calibrl.rewards.scoring_rules import SCORING_RULES
 from calibrl.rl.loss import LOSS_AGG
 
 
@@ -60,14 +62,15 @@ def test_empty_registry_error():
 @pytest.mark.parametrize(
     ("registry", "expected"),
     [
-        (COMPONENTS, {"correctness", "format", "brier"}),
-        (COMBINERS, {"sum"}),
+        (COMPONENTS, {"correctness", "format", "brier", "log_score", "spherical_score"}),
+        (COMBINERS, {"sum", "normalize_then_sum", "segment"}),
+        (SCORING_RULES, {"brier", "log", "spherical"}),
         (LOSS_AGG, {"token_mean", "seq_mean"}),
         (SOURCES, {"reasoning_gym", "hf"}),
         (VERIFIERS, {"exact", "math_verify"}),
         (CONFIDENCE_POLICIES, {"constant", "uniform", "mixed"}),
     ],
-    ids=["components", "combiners", "loss_agg", "sources", "verifiers", "confidence_policies"],
+    ids=["components", "combiners", "scoring_rules", "loss_agg", "sources", "verifiers", "confidence_policies"],
 )
 def test_project_registries(registry, expected):
     assert expected <= set(registry.names())

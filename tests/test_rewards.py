@@ -156,9 +156,26 @@ def test_unknown_component_lists_valid_choices():
     assert {"brier", "correctness", "format"} <= set(COMPONENTS.names())
 
 
-def test_unknown_combiner_lists_valid_choices():
-    with pytest.raises(KeyError, match="sum"):
-        RewardFunction(RLCR, combine="product")
+@pytest.mark.parametrize(
+    "name, q, correct, expected, failure",
+    [
+        # log score: ln 0.8 when right; ln(1 - 0.8) = ln 0.2 when wrong; failure ln 1e-4.
+        ("log_score", 0.8, True, math.log(0.8), math.log(1e-4)),
+        ("log_score", 0.8, False, math.log(0.2), math.log(1e-4)),
+        # spherical: 0.8 / sqrt(0.64 + 0.04) when right, 0.2 / sqrt(0.68) when wrong; failure 0.
+        ("spherical_score", 0.8, True, 0.8 / math.sqrt(0.68), 0.0),
+        ("spherical_score", 0.8, False, 0.2 / math.sqrt(0.68), 0.0),
+    ],
+)
+def test_scoring_rule_components(name, q, correct, expected, failure):
+    fn = RewardFunction({"correctness": 1.0, name: 1.0, "format": 0.5})
+    good = ParsedCompletion("5", q, True)
+    bad = ParsedCompletion("5", None, False, "no confidence tag")
+    batch = fn([good, bad], [correct, correct])
+    assert batch.components[name][0] == pytest.approx(expected, abs=1e-12)
+    assert batch.components[name][1] == failure
+    # the failure still totals strictly below every well-formed completion
+    assert batch.total[1] < fn.lowest_well_formed
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

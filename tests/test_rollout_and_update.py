@@ -334,6 +334,82 @@ def test_update_with_advantages(tiny, builder, adv):
     assert len(trainer.optimizer.state) > 0
 
 
+def test_update_with_token_advantages(tiny, builder):
+    rollout = _hand_rollout(tok := tiny[1], builder)
+    per_row = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    # Per-token advantages equal to the per-row ones give the same update.
+    a = _trainer(copy.deepcopy(tiny[0]), tok, builder).update(rollout, per_row)
+    b = _trainer(copy.deepcopy(tiny[0]), tok, builder).update(rollout, per_row[:, None].expand(4, 5).clone())
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-7) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # Credit on some tokens only. Row lengths are 4, 2, 3, 1 (n_tokens = 10); ratio 1, so the token
+    # mean is -(sum of A over completion tokens) / 10 = -((1 + 1) + (-2) + 0 + 0) / 10 = 0.0 ...
+    adv = torch.zeros(4, 5)
+    adv[0, :2], adv[1, 1] = 1.0, -2.0
+    out = _trainer(copy.deepcopy(tiny[0]), tok, builder).update(rollout, adv)
+    assert out["loss"] == pytest.approx(0.0, abs=1e-7) and out["grad_norm"] > 0
+    # ... and advantages on padding (row 1 has 2 tokens; position 4 is padding) change nothing.
+    adv[1, 4] = 100.0
+    again = _trainer(copy.deepcopy(tiny[0]), tok, builder).update(rollout, adv)
+    assert again["loss"] == pytest.approx(out["loss"], abs=1e-7)
+    assert again["grad_norm"] == pytest.approx(out["grad_norm"], rel=1e-5)
+
+
+def _text_rollout(tok, builder, texts: list[str]) -> Rollout:
+    """A rollout of the given completion texts, 2 per prompt (EXAMPLES[0] then EXAMPLES[2])."""
+    enc = tok([builder.prompt(e) for e in (EXAMPLES[0], EXAMPLES[2])], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    length = max(map(len, ids))
+    comp = torch.tensor([row + [EOS] * (length - len(row)) for row in ids])
+    mask = (torch.arange(length)[None] < torch.tensor([len(r) for r in ids])[:, None]).long()
+    return Rollout(enc.input_ids.repeat_interleave(2, dim=0), enc.attention_mask.repeat_interleave(2, dim=0),
+                   comp, mask, texts, torch.tensor([0, 0, 1, 1]))
+
+
+def test_segment_combiner_puts_calibration_credit_after_the_answer(tiny, builder):
+    tok = tiny[1]
+    texts = [
+        "<think>a</think><answer>5</answer><confidence>0.9</confidence>",  # right, q 0.9
+        "<think>a</think><answer>6</answer><confidence>0.0</confidence>",  # wrong, q 0.0
+        "<think>a</think><answer>5</answer><confidence>0.5</confidence>",  # identical pair:
+        "<think>a</think><answer>5</answer><confidence>0.5</confidence>",  # exact zeros
+    ]
+    rollout = _text_rollout(tok, builder, texts)
+    trainer = _trainer(copy.deepcopy(tiny[0]), tok, builder, combine="segment")
+    examples = [EXAMPLES[0], EXAMPLES[0], EXAMPLES[2], EXAMPLES[2]]
+    from calibrl.scoring import score_completions
+
+    parsed, rewards = score_completions(texts, examples, trainer.is_correct, trainer.reward_fn, builder.fmt)
+    adv = trainer.advantages(rollout, parsed, rewards)
+    # Group 0: accuracy [1, 0] -> mean 0.5, unbiased std sqrt(0.5) -> [+1/sqrt2, -1/sqrt2];
+    # calibration (Brier) [-(0.9-1)^2, -(0.0-0)^2] = [-0.01, 0] -> [-1/sqrt2, +1/sqrt2]; format
+    # constant -> 0. So row 0 gets +0.7071 up to </answer> and -0.7071 after it; row 1 the reverse.
+    h = 2 ** -0.5
+    for row, (before, after) in enumerate([(h, -h), (-h, h)]):
+        n = int(rollout.completion_mask[row].sum())
+        cut = len(tok(texts[row].split("<confidence>")[0], add_special_tokens=False).input_ids)
+        values = adv[row, :n]
+        # the token that straddles '</answer>' and '<confidence>' (SmolLM2 merges '><') is in segment 0
+        assert torch.allclose(values[: cut - 1], torch.full((cut - 1,), before), atol=1e-6)
+        assert torch.allclose(values[cut:], torch.full((n - cut,), after), atol=1e-6)
+    assert torch.equal(adv[2:], torch.zeros_like(adv[2:]))
+    # `sum` on the same batch: one advantage per completion, on every token:
+    # totals [1 - 0.01 + 0.5, 0 + 0 + 0.5] = [1.49, 0.5] -> [+0.495, -0.495].
+    trainer.s.combine = "sum"
+    adv_sum = trainer.advantages(rollout, parsed, rewards)
+    assert torch.allclose(adv_sum[0, :3], torch.full((3,), 0.495), atol=1e-6)
+    assert torch.allclose(adv_sum[1, :3], torch.full((3,), -0.495), atol=1e-6)
+
+
+@pytest.mark.parametrize("combine", ["sum", "normalize_then_sum", "segment"])
+def test_step_runs_with_every_combiner(tiny, builder, combine):
+    trainer = _trainer(copy.deepcopy(tiny[0]), tiny[1], builder, combine=combine)
+    torch.manual_seed(0)
+    m = trainer.step()
+    # a random model never writes the format: identical rewards in every group, exact zeros
+    assert m["train/advantage_abs_mean"] == 0.0 and m["train/loss"] == 0.0
+
+
 def test_update_more_epochs_reports_clipping(tiny, builder):
     # With 2 epochs at lr 1e-3 the policy moves away from the sampling policy, the ratio leaves 1,
     # and the clip bookkeeping stays a fraction.

@@ -232,11 +232,15 @@ def validate(cfg: DictConfig) -> None:
     from calibrl.data.prompts import CONFIDENCE_POLICIES
     from calibrl.data.sources import SOURCES, VERIFIERS
     from calibrl.evaluation import EvalSettings
+    from calibrl.objectives import COMBINERS, objective_of
     from calibrl.rewards import RewardFunction
     from calibrl.rl.loss import LOSS_AGG
 
     try:
-        RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
+        RewardFunction(dict(cfg.reward.weights))
+        COMBINERS.get(cfg.objective.combine)
+        for component in cfg.reward.weights:
+            objective_of(component)
         LOSS_AGG.get(cfg.algo.loss_agg)
         SOURCES.get(cfg.data.source)
         if cfg.data.source == "hf":

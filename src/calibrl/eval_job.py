@@ -146,7 +146,7 @@ def validate_eval_job(cfg: DictConfig) -> EvalSettings:
     from calibrl.data.sources import SOURCES, VERIFIERS
 
     try:
-        RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
+        RewardFunction(dict(cfg.reward.weights))
         settings = EvalSettings.from_config(cfg.eval)
         for name, node in _eval_sets(cfg).items():
             SOURCES.get(node.source)
@@ -254,7 +254,7 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
     model.eval()
     fmt = CompletionFormat(**cfg.prompt.tags)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
-    reward_fn = RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
+    reward_fn = RewardFunction(dict(cfg.reward.weights))
     autocast = torch.bfloat16 if cfg.bf16 else None
     lg = cfg.logger
     tracker = Tracker(out_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,

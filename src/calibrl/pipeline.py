@@ -121,7 +121,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         check_slice_fields(splits.eval, eval_settings.slice_by, splits.name)
     except ValueError as err:
         raise ConfigError(err.args[0]) from err
-    reward_fn = RewardFunction(dict(cfg.reward.weights), cfg.objective.combine)
+    reward_fn = RewardFunction(dict(cfg.reward.weights))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     model, tokenizer = load_policy(spec)
     fmt = CompletionFormat(**cfg.prompt.tags)
@@ -174,7 +174,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         run_eval("sft" if sft_cfg.enabled else "start")
 
         a, t = cfg.algo, cfg.trainer
-        settings = _settings(GRPOSettings, a, t)
+        settings = _settings(GRPOSettings, a, t, cfg.objective)
         reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
         opt = _optimizer(model, t.lr, t.weight_decay)
         trainer = GRPOTrainer(

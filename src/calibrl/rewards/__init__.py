@@ -1,7 +1,6 @@
 """Completion parsing and reward components (pure functions over parsed completions)."""
 
 from calibrl.rewards.components import (
-    COMBINERS,
     COMPONENTS,
     RewardBatch,
     RewardComponent,
@@ -12,7 +11,6 @@ from calibrl.rewards.components import (
 from calibrl.rewards.parsing import CompletionFormat, ParsedCompletion, parse_completion, parse_confidence
 
 __all__ = [
-    "COMBINERS",
     "COMPONENTS",
     "CompletionFormat",
     "ParsedCompletion",

@@ -15,7 +15,14 @@ correctness    c                            [0, 1]            0 (no credit, even
                                                               answer happens to be right)
 format         1                            [1, 1]            0
 brier          -(q - c)^2                   [-1, 0]           -1 (the worst Brier score)
+log_score      log q if c else log(1 - q),  [ln 1e-4,         ln 1e-4 (the worst value)
+               q clipped to [1e-4, 1-1e-4]  ln(1 - 1e-4)]
+spherical_     (qc + (1-q)(1-c)) /          [0, 1]            0
+score          sqrt(q^2 + (1-q)^2)
 =============  ===========================  ================  =========================
+
+The calibration components are the scoring rules of :mod:`calibrl.rewards.scoring_rules`
+(ranges and properness there).
 
 RLCR (Damani et al., "Beyond Binary Rewards", arXiv:2507.16806) is
 ``correctness + brier`` = ``1[correct] - (q - 1[correct])^2``, plus a format term.
@@ -31,6 +38,7 @@ import numpy as np
 
 from calibrl.registry import Registry
 from calibrl.rewards.parsing import ParsedCompletion
+from calibrl.rewards.scoring_rules import SCORING_RULES
 
 __all__ = [
     "COMPONENTS",
@@ -71,15 +79,24 @@ def _format(parsed: ParsedCompletion, correct: bool) -> float:
     return 1.0
 
 
-def _brier(parsed: ParsedCompletion, correct: bool) -> float:
-    # RLCR calibration term, arXiv:2507.16806 eq. (1): -(q - 1[correct])^2.
-    assert parsed.confidence is not None
-    return -((parsed.confidence - (1.0 if correct else 0.0)) ** 2)
+def _scoring_rule_component(rule_name: str) -> RewardComponent:
+    """The calibration component scoring the stated confidence with a registered scoring rule
+    (:mod:`calibrl.rewards.scoring_rules`); a format failure gets the rule's worst value."""
+    rule = SCORING_RULES.get(rule_name)
+
+    def fn(parsed: ParsedCompletion, correct: bool) -> float:
+        assert parsed.confidence is not None  # only called on well-formed completions
+        return float(rule.fn(np.array([parsed.confidence]), np.array([1.0 if correct else 0.0]))[0])
+
+    return RewardComponent(fn, rule.low, rule.high, rule.low)
 
 
 COMPONENTS.register("correctness")(RewardComponent(_correctness, 0.0, 1.0, 0.0))
 COMPONENTS.register("format")(RewardComponent(_format, 1.0, 1.0, 0.0))
-COMPONENTS.register("brier")(RewardComponent(_brier, -1.0, 0.0, -1.0))
+# RLCR calibration term, arXiv:2507.16806 eq. (1): -(q - 1[correct])^2.
+COMPONENTS.register("brier")(_scoring_rule_component("brier"))
+COMPONENTS.register("log_score")(_scoring_rule_component("log"))
+COMPONENTS.register("spherical_score")(_scoring_rule_component("spherical"))
 
 
 def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -116,19 +133,15 @@ def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, flo
     return total
 
 
-COMBINERS: Registry[Callable[[Mapping[str, np.ndarray], Mapping[str, float]], np.ndarray]] = Registry(
-    "objective combiner"
-)
-COMBINERS.register("sum")(weighted_sum)
-
-
 @dataclass
 class RewardBatch:
     """Rewards of N completions.
 
     Attributes:
         components: name -> per-completion reward, each float64 ``[N]``.
-        total: combined reward, float64 ``[N]``.
+        total: the weighted sum of the components, float64 ``[N]`` (logged as ``rewards/total``;
+            how components become advantages is the objective combiner's business,
+            :mod:`calibrl.objectives`).
         correct: verifier verdicts, bool ``[N]`` (False on a format failure).
         format_ok: bool ``[N]``.
         confidence: stated confidence, float64 ``[N]``, NaN where the format failed.
@@ -147,20 +160,18 @@ class RewardFunction:
     Args:
         weights: component name -> weight (``reward.weights`` in the config). Names must be in
             :data:`COMPONENTS`.
-        combine: name of the objective combiner in :data:`COMBINERS` (``objective.combine``).
 
     Raises:
-        KeyError: unknown component or combiner (the message lists the valid ones).
+        KeyError: unknown component (the message lists the valid ones).
         ValueError: under these weights a format failure would not score strictly below every
             well-formed completion (e.g. a zero ``format`` weight), or a weight is non-finite.
     """
 
-    def __init__(self, weights: Mapping[str, float], combine: str = "sum") -> None:
+    def __init__(self, weights: Mapping[str, float]) -> None:
         if not weights:
             raise ValueError("reward.weights is empty: name at least one component")
         self.weights = {k: float(v) for k, v in weights.items()}
         self.components = {k: COMPONENTS.get(k) for k in self.weights}
-        self.combine = COMBINERS.get(combine)
         for k, w in self.weights.items():
             if not math.isfinite(w):
                 raise ValueError(f"reward.weights.{k} is not finite: {w}")
@@ -205,7 +216,7 @@ class RewardFunction:
             )
             for name, comp in self.components.items()
         }
-        total = self.combine(comps, self.weights)
+        total = weighted_sum(comps, self.weights)
         conf = np.array([p.confidence if p.format_ok else np.nan for p in parsed], dtype=np.float64)
         return RewardBatch(comps, total, corr, ok, conf)
 

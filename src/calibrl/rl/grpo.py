@@ -8,11 +8,16 @@ The algorithm, exactly as implemented (one RL step):
    (temperature ``algo.temperature``, top-p ``algo.top_p``, at most ``algo.max_new_tokens``
    tokens, stopping once ``</confidence>`` is written).
 3. **Rewards.** Parse every completion (:func:`calibrl.rewards.parse_completion`), run the task's
-   verifier on the parsed answer, compute each reward component and combine them with
-   ``reward.weights`` (``objective.combine``, default the weighted sum). Every reward is checked
+   verifier on the parsed answer, compute each reward component (``reward.weights`` names them
+   and weighs them; their weighted sum is logged as ``rewards/total``). Every reward is checked
    finite; a non-finite reward stops the run (it would be a bug, never a policy signal).
-4. **Advantages.** ``A_i = r_i - mean_group(r)``, divided by the group's std (floored) only when
-   ``algo.scale_rewards`` (:func:`calibrl.rl.advantages.group_advantages`). No value model.
+4. **Advantages.** Token advantages from the reward components by the objective combiner
+   ``objective.combine`` (:mod:`calibrl.objectives`). ``sum`` (default):
+   ``A_i = r_i - mean_group(r)`` of the weighted sum, divided by the group's std (floored) only
+   when ``algo.scale_rewards``, on every token; ``normalize_then_sum``: each objective
+   (accuracy, calibration, format) group-normalised on its own, then summed; ``segment``: those
+   per-objective advantages on the tokens that produced them (accuracy up to ``</answer>``,
+   calibration after it). No value model.
 5. **Policy loss.** PPO clipped surrogate over completion tokens only (prompt and padding
    masked), ratio ``exp(logp - old_logp)`` clipped to ``[1 - clip_low, 1 + clip_high]``,
    aggregated by ``algo.loss_agg`` (token mean by default), plus ``beta * k3-KL`` to a frozen
@@ -20,7 +25,7 @@ The algorithm, exactly as implemented (one RL step):
    With ``algo.ppo_epochs == 1`` the batch is used for one optimizer step right after sampling,
    so ``old_logp`` is the current log-prob detached (ratio exactly 1, the clip inactive); with
    more epochs ``old_logp`` is computed once, before the first update. Completions whose
-   advantage is 0 contribute no gradient when ``beta == 0`` and are skipped in the forward
+   advantage is 0 on every token contribute no gradient when ``beta == 0`` and are skipped in the forward
    (normalisers still count them, so the loss is unchanged).
 6. **Update.** Gradients accumulated over micro-batches of ``trainer.micro_batch_size``
    completions, clipped to ``trainer.max_grad_norm``, AdamW step, LR schedule step. Forward and
@@ -46,8 +51,8 @@ import torch
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
 from calibrl.metrics import calibration_summary
-from calibrl.rewards import RewardFunction, reward_metrics
-from calibrl.rl.advantages import group_advantages
+from calibrl.objectives import COMBINERS, segment_ids
+from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, reward_metrics
 from calibrl.rl.loss import clipped_policy_loss
 from calibrl.rl.rollout import Rollout, completion_logprobs, generate_rollout
 from calibrl.scoring import score_completions
@@ -64,7 +69,9 @@ class GRPOSettings:
         prompts_per_step: B prompts per RL step.
         max_new_tokens: completion length cap, tokens.
         temperature, top_p: sampling settings of rollouts.
-        scale_rewards: divide advantages by the group std.
+        combine: objective combiner, a name in :data:`calibrl.objectives.COMBINERS`
+            (``objective.combine``): ``sum`` | ``normalize_then_sum`` | ``segment``.
+        scale_rewards: divide advantages by the group std (the ``sum`` combiner).
         std_floor: floor of that std.
         clip_low, clip_high: PPO clip range ``[1 - clip_low, 1 + clip_high]``.
         beta: KL coefficient (0 = no reference model).
@@ -80,6 +87,7 @@ class GRPOSettings:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    combine: str = "sum"
     scale_rewards: bool = False
     std_floor: float = 1e-4
     clip_low: float = 0.2
@@ -186,12 +194,28 @@ class GRPOTrainer:
         with torch.set_grad_enabled(grad), self._autocast():
             return completion_logprobs(model, rollout)
 
+    def advantages(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch) -> torch.Tensor:
+        """Token advantages from the reward components (step 4), float ``[B*G, L]``, exactly 0 on
+        padding; the objective combiner ``settings.combine`` decides how (see
+        :mod:`calibrl.objectives`)."""
+        names = list(rewards.components)
+        r = torch.as_tensor(np.stack([rewards.components[k] for k in names], axis=1), dtype=torch.float32)
+        w = torch.tensor([self.reward_fn.weights[k] for k in names], dtype=torch.float32)
+        if self.s.combine == "segment":
+            segments = segment_ids(self.tokenizer, rollout.completion_ids, rollout.completion_mask, rollout.texts,
+                                   parsed, self.prompts.fmt.answer)
+        else:
+            segments = rollout.completion_mask.long() - 1  # one segment: the combiner ignores boundaries
+        return COMBINERS.get(self.s.combine)(
+            r, names, w, rollout.group_index, segments, scale=self.s.scale_rewards, std_floor=self.s.std_floor
+        )
+
     def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """Clipped policy-gradient update(s) on one rollout batch (steps 5-6).
 
         Args:
             rollout: ``B*G`` completions.
-            advantages: float ``[B*G]``.
+            advantages: float ``[B*G, L]`` per token (or ``[B*G]`` per completion).
 
         Returns:
             ``loss``, ``clip_fraction``, ``grad_norm``, and ``kl`` (mean k3 estimate per
@@ -201,7 +225,8 @@ class GRPOTrainer:
         mask = rollout.completion_mask
         n_tokens = float(mask.sum().clamp_min(1))
         n_seqs = float(len(rollout))
-        active = torch.arange(len(rollout)) if s.beta > 0 else torch.nonzero(advantages != 0).flatten()
+        nonzero = advantages != 0 if advantages.ndim == 1 else (advantages != 0).any(dim=1)
+        active = torch.arange(len(rollout)) if s.beta > 0 else torch.nonzero(nonzero).flatten()
         out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if s.beta > 0 else {})
         if active.numel() == 0:
             return out
@@ -257,9 +282,7 @@ class GRPOTrainer:
         rollout = self.generate(examples)
         t1 = time.perf_counter()
         parsed, rewards = self.score(rollout, examples)
-        advantages = group_advantages(
-            torch.as_tensor(rewards.total, dtype=torch.float32), self.s.group_size, self.s.scale_rewards, self.s.std_floor
-        )
+        advantages = self.advantages(rollout, parsed, rewards)
         t2 = time.perf_counter()
         upd = self.update(rollout, advantages)
         t3 = time.perf_counter()
@@ -270,7 +293,8 @@ class GRPOTrainer:
         metrics |= {
             "train/completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
             "train/zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
-            "train/advantage_abs_mean": float(advantages.abs().mean()),
+            # per completion token
+            "train/advantage_abs_mean": float(advantages.abs().sum() / rollout.completion_mask.sum().clamp_min(1)),
             "train/skipped_steps": float(self.skipped_steps),
             "train/lr": float(self.optimizer.param_groups[0]["lr"]),
             "perf/generate_s": t1 - t0,

@@ -1,8 +1,10 @@
 """Clipped policy loss (PPO, Schulman et al., arXiv:1707.06347) with an optional KL penalty.
 
-Per completion token t of completion i, with ratio ``rho = exp(logp - old_logp)``::
+Per completion token t of completion i, with ratio ``rho = exp(logp - old_logp)`` and advantage
+``A_it`` (the same for every token of a completion unless the objective combiner assigns credit
+by segment, :mod:`calibrl.objectives`)::
 
-    l_it = -min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i) + beta * KL_it
+    l_it = -min(rho * A_it, clip(rho, 1 - eps_low, 1 + eps_high) * A_it) + beta * KL_it
     KL_it = exp(ref_logp - logp) - (ref_logp - logp) - 1      (the "k3" estimator, always >= 0;
                                                               Schulman, "Approximating KL", 2020)
 
@@ -78,7 +80,8 @@ def clipped_policy_loss(
     Args:
         logp: log-probs of the sampled tokens under the current policy, ``[N, L]`` (nats).
         old_logp: the same under the policy that sampled them, ``[N, L]``.
-        advantages: ``[N]``, one per completion, broadcast over its tokens.
+        advantages: ``[N]``, one per completion, broadcast over its tokens, or ``[N, L]``, one
+            per token (objective combiners that assign credit by segment).
         mask: ``[N, L]`` bool/0-1, 1 on completion tokens.
         clip_low, clip_high: eps_low / eps_high, each >= 0.
         n_tokens: completion tokens in the whole batch (normaliser for ``token_mean``).
@@ -91,7 +94,7 @@ def clipped_policy_loss(
         ValueError: shape mismatch, negative clip, or ``beta > 0`` without ``ref_logp``.
         KeyError: unknown ``agg``.
     """
-    if logp.shape != old_logp.shape or logp.shape != mask.shape or advantages.shape != logp.shape[:1]:
+    if logp.shape != old_logp.shape or logp.shape != mask.shape or advantages.shape not in (logp.shape[:1], logp.shape):
         raise ValueError(
             f"shapes: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask "
             f"{tuple(mask.shape)}, advantages {tuple(advantages.shape)}"
@@ -106,7 +109,7 @@ def clipped_policy_loss(
     # Zero the differences at masked positions before exp: their log-probs are arbitrary and an
     # overflow there would turn the masked-out product into inf * 0 = NaN.
     ratio = torch.exp(torch.where(keep, logp - old_logp, 0.0))
-    a = advantages.unsqueeze(1).to(logp.dtype)  # [N, 1]
+    a = (advantages.unsqueeze(1) if advantages.ndim == 1 else advantages).to(logp.dtype)  # [N, 1] or [N, L]
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * a
     per_token = -torch.minimum(unclipped, clipped)
