@@ -133,3 +133,60 @@ def test_every_experiment_composes(name):
 
     validate(cfg)
     assert cfg.experiment_name == name
+
+
+def test_sft_cache_gives_the_same_run(tmp_path):
+    import shutil
+
+    from calibrl.sft_cache import sft_cache_dir
+
+    overrides = ["model=tiny", "debug=default", "trainer.sft.cache=true", "seed=7"]
+    cfg = _compose(overrides)
+    shutil.rmtree(sft_cache_dir(cfg), ignore_errors=True)
+    first = run(cfg, tmp_path / "first")  # a miss: does the warm-up, stores it
+    assert (sft_cache_dir(cfg) / "entry.json").is_file()
+    second = run(_compose(overrides), tmp_path / "second")  # a hit
+    plain = run(_compose(["model=tiny", "debug=default", "seed=7"]), tmp_path / "plain")
+    a, b, c = (_records(tmp_path / d / "metrics.jsonl") for d in ("first", "second", "plain"))
+
+    def strip(records):  # timings differ run to run
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records]
+
+    # Same SFT records, same post-SFT eval, same RL trajectory, same final eval.
+    assert json.dumps(strip(a)) == json.dumps(strip(b)) == json.dumps(strip(c))
+    assert json.dumps(first) == json.dumps(second) == json.dumps(plain)
+    assert (tmp_path / "second" / "eval_sft.jsonl").read_text() == (tmp_path / "first" / "eval_sft.jsonl").read_text()
+    # A different warm-up setting is a different entry.
+    assert sft_cache_dir(_compose([*overrides, "trainer.sft.lr=1e-4"])) != sft_cache_dir(cfg)
+    assert sft_cache_dir(_compose([*overrides, "algo.beta=0.1"])) == sft_cache_dir(cfg)
+
+
+def test_sft_cache_entry_restores_every_rng(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from calibrl.sft_cache import load_sft_cache, save_sft_cache
+
+    class Stub:  # stands in for the model and the tokenizer
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("eval_sft.json", "eval_sft.jsonl"):
+        (run_dir / name).write_text(name)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    target = save_sft_cache(tmp_path / "entry", Stub(), Stub(), [{"step": 3, "sft/loss": 0.5}], {"ece": float("nan")}, run_dir)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    entry = load_sft_cache(target)
+    entry.restore_rng()
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    assert entry.last_step == 3 and math.isnan(entry.eval_scalars["ece"])
+    out = tmp_path / "out"
+    out.mkdir()
+    entry.copy_eval_files(out)
+    assert (out / "eval_sft.jsonl").read_text() == "eval_sft.jsonl"
+    assert load_sft_cache(tmp_path / "missing") is None

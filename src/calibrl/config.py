@@ -123,6 +123,7 @@ class SFTConfig:
     batch_size: int = 8
     lr: float = 5e-5
     warmup_ratio: float = 0.05
+    cache: bool = False
     confidence: ConfidencePolicyConfig = field(default_factory=ConfidencePolicyConfig)
 
 

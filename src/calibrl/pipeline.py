@@ -34,6 +34,7 @@ from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import CompletionFormat, RewardFunction
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_warmup
+from calibrl.sft_cache import load_sft_cache, save_sft_cache, sft_cache_dir
 from calibrl.tracking import Tracker
 
 __all__ = ["run", "SUMMARY_METRICS"]
@@ -76,6 +77,12 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=True
     )
+
+
+def _load_checkpoint(path: Path, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
 def _print_table(results: dict[str, dict[str, float]], name: str) -> None:
@@ -152,26 +159,44 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         if cfg.eval.raw_model:
             run_eval("raw")
         sft_cfg = cfg.trainer.sft
-        if sft_cfg.enabled:
-            ss = _settings(
-                SFTSettings, sft_cfg, cfg.trainer,
-                confidence_policy=sft_cfg.confidence.policy,
-                confidence_kwargs={k: v for k, v in sft_cfg.confidence.items() if k != "policy"},
-                seed=cfg.seed,
-            )
-            total = num_sft_steps(len(splits.train), ss)
-            opt = _optimizer(model, sft_cfg.lr, cfg.trainer.weight_decay)
-            sched = _scheduler("linear", opt, math.ceil(sft_cfg.warmup_ratio * total), total)
-            with tqdm(total=total, desc="SFT warm-up", unit="step") as bar:
+        cache_at = sft_cache_dir(cfg) if sft_cfg.enabled and sft_cfg.cache else None
+        cached = load_sft_cache(cache_at) if cache_at is not None else None
+        if cached is not None:
+            log.info("SFT warm-up and its eval loaded from the cache %s", cached.path)
+            print(f"SFT warm-up: loaded from the cache {cached.path}")
+            model = _load_checkpoint(cached.path / "checkpoint", cfg.model.trust_remote_code)
+            for record in cached.records:
+                tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            step = cached.last_step
+            cached.copy_eval_files(run_dir)
+            results["sft"] = cached.eval_scalars
+            tracker.log({f"eval/{splits.name}/{k}": v for k, v in cached.eval_scalars.items()}, step=step)
+            cached.restore_rng()  # the RL trajectory then equals that of a run that did the warm-up
+        else:
+            records: list[dict[str, float]] = []
+            if sft_cfg.enabled:
+                ss = _settings(
+                    SFTSettings, sft_cfg, cfg.trainer,
+                    confidence_policy=sft_cfg.confidence.policy,
+                    confidence_kwargs={k: v for k, v in sft_cfg.confidence.items() if k != "policy"},
+                    seed=cfg.seed,
+                )
+                total = num_sft_steps(len(splits.train), ss)
+                opt = _optimizer(model, sft_cfg.lr, cfg.trainer.weight_decay)
+                sched = _scheduler("linear", opt, math.ceil(sft_cfg.warmup_ratio * total), total)
+                with tqdm(total=total, desc="SFT warm-up", unit="step") as bar:
 
-                def on_sft_step(i: int, metrics: dict[str, float]) -> None:
-                    tracker.log(metrics, step=i)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
+                    def on_sft_step(i: int, metrics: dict[str, float]) -> None:
+                        tracker.log(metrics, step=i)
+                        records.append({"step": i, **metrics})
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
 
-                step = sft_warmup(model, tokenizer, prompts, splits.train, ss, opt, sched, on_sft_step)
-            del opt, sched
-        run_eval("sft" if sft_cfg.enabled else "start")
+                    step = sft_warmup(model, tokenizer, prompts, splits.train, ss, opt, sched, on_sft_step)
+                del opt, sched
+            run_eval("sft" if sft_cfg.enabled else "start")
+            if cache_at is not None:
+                save_sft_cache(cache_at, model, tokenizer, records, results["sft"], run_dir)
 
         a, t = cfg.algo, cfg.trainer
         settings = _settings(GRPOSettings, a, t, cfg.objective)
