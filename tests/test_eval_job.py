@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from calibrl.pipeline import run
 from calibrl.train import CONF_DIR
@@ -111,6 +112,59 @@ def test_hf_directory_and_cli_overrides_of_run_settings(tiny_run, tmp_path):
     assert len(_records(out / "predictions.jsonl")) == 6
 
 
+def test_eval_json_is_strict_json(eval_out):
+    out, _ = eval_out
+    text = (out / "eval.json").read_text()
+    # a random tiny model writes no well-formed completion: undefined values are null, not NaN
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_model_overrides_apply_on_top_of_a_preset_or_run(tiny_run, tmp_path):
+    out = tmp_path / "preset"
+    # (`model=tiny` so Hydra can compose the nested keys; the preset is then loaded with them)
+    proc = _eval_cli("checkpoint=tiny", "model=tiny", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+                     f"hydra.run.dir={out}", "logger.mode=disabled", "eval_sets=none", "data.eval_size=2",
+                     "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert OmegaConf.load(out / "config_resolved.yaml").model.tiny.hidden_size == 32
+    # the `hf` preset takes its path from the command line
+    out = tmp_path / "hf"
+    proc = _eval_cli("checkpoint=hf", f"model.name_or_path={tiny_run / 'checkpoint'}", f"hydra.run.dir={out}",
+                     "logger.mode=disabled", "eval_sets=none", "data.eval_size=2", "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert OmegaConf.load(out / "config_resolved.yaml").model.name == str(tiny_run / "checkpoint")
+    # with a run directory: the run's model, plus the command line's model.* values
+    out = tmp_path / "run"
+    proc = _eval_cli(f"checkpoint={tiny_run}", "model.chat_template=null", "model.name=mine", f"hydra.run.dir={out}",
+                     "logger.mode=disabled", "eval_sets=none", "data.eval_size=2", "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = OmegaConf.load(out / "config_resolved.yaml")
+    assert resolved.model.name == "mine" and resolved.model.kind == "hf" and resolved.data.name == "chain_sum"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "q1", "answer": "1"}\n{"question": "q2"}\n', "row 2 (1-based) has no value for field 'answer'"),
+        ("", "is empty"),
+        ("{not json\n", "could not be read as .jsonl"),
+    ],
+    ids=["missing_answer", "empty", "malformed"],
+)
+def test_bad_local_data_is_one_line_in_both_entry_points(tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    ev = _eval_cli("checkpoint=tiny", f"hydra.run.dir={tmp_path / 'e'}", "logger.mode=disabled", "eval_sets=none",
+                   "data=jsonl", f"data.path={data}", "data.eval_size=2")
+    tr = subprocess.run([sys.executable, "-m", "calibrl.train", "model=tiny", "debug=default", "data=jsonl",
+                         f"data.path={data}", f"hydra.run.dir={tmp_path / 't'}"],
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+    for proc in (ev, tr):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_local_jsonl_eval_set_from_the_command_line(tiny_run, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
@@ -141,6 +195,9 @@ def test_run_directory_without_a_saved_model(tiny_run, tmp_path):
         (["checkpoint=tiny", "eval.windw=3"], "unknown config key 'eval.windw'"),
         (["checkpoint=tiny", "eval.slice_by=[nope]", "eval_sets=none"], "no field 'nope'"),
         (["checkpoint=tiny", "reward.weights.brierr=1"], "brierr"),
+        (["checkpoint=tiny", "data.task=bogus", "eval_sets=none"], "unknown reasoning-gym task 'bogus'"),
+        (["checkpoint=tiny", "eval_sets.products.eval_size=0"], "eval_size must be >= 1"),
+        (["checkpoint=tiny", "evl.n_samples=2"], "unknown config key 'evl'. Did you mean eval?"),
     ],
 )
 def test_errors_are_one_clear_line(args, message, tmp_path):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from calibrl.config import ConfigError
 from calibrl.data import PromptBuilder, build_splits
-from calibrl.evaluation import EvalResult, EvalSettings, check_slice_fields, evaluate
+from calibrl.evaluation import EvalResult, EvalSettings, check_slice_fields, evaluate, report_json
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import CompletionFormat, RewardFunction
 from calibrl.tracking import Tracker
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Keys a run directory supplies (use_run_config=true); `model` is replaced by its checkpoint.
 RUN_KEYS = ("data", "prompt", "reward", "objective", "eval", "seed")
+# Config groups of conf/eval.yaml (a bare `group=choice` override picks a preset file).
+GROUPS = ("model", "data", "prompt", "reward", "objective", "logger", "eval_sets")
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -55,36 +57,46 @@ def resolve_checkpoint(cfg: DictConfig, conf_dir: Path, cli_overrides: list[str]
     """Return a copy of ``cfg`` whose ``model`` (and, for a run directory, the :data:`RUN_KEYS`
     and ``bf16``) describe what ``cfg.checkpoint`` names (see module docstring).
 
+    Command-line overrides keep the last word: a group chosen on the command line (e.g.
+    ``data=jsonl``) is kept instead of the run's, and every dotted ``key=value`` override under
+    ``model`` or the taken keys (e.g. ``eval.n_samples=4``, ``model.chat_template=...``) is
+    applied again on top.
+
     Args:
         conf_dir: the config directory (for model presets).
-        cli_overrides: the command line's ``key=value`` overrides; those under :data:`RUN_KEYS`
-            or ``bf16`` are re-applied after the run's config is taken.
+        cli_overrides: the command line's overrides (Hydra syntax).
 
     Raises:
         FileNotFoundError: ``checkpoint`` is neither a run directory, an HF model directory nor a
             preset, or a run directory without a saved checkpoint.
     """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [o for o in OverridesParser.create().parse_overrides(cli_overrides)
+                 if o.package is None and not o.is_delete()]
+    chosen_groups = {o.key_or_group for o in overrides if "." not in o.key_or_group and o.key_or_group in GROUPS}
     cfg = cfg.copy()
     ckpt = cfg.checkpoint
     if ckpt is None:
         return cfg
     path = Path(ckpt).expanduser()
     presets = sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
+    taken: tuple[str, ...] = ("model",)
     if _is_run_dir(path):
         weights = path / "checkpoint"
         if not (weights / "config.json").is_file():
             raise FileNotFoundError(
-                f"checkpoint {ckpt!r} is a run directory without a saved model ({weights} is missing); "
-                "it was trained with trainer.save_checkpoint=false"
+                f"checkpoint {ckpt!r} is a run directory without a saved model ({weights} is missing): "
+                "trained with trainer.save_checkpoint=false, or the run did not finish"
             )
         run = OmegaConf.load(path / "config_resolved.yaml")
         model = {"kind": "hf", "name": f"{run.model.name}-run", "name_or_path": str(weights.resolve()),
                  "trust_remote_code": run.model.trust_remote_code, "chat_template": run.model.chat_template}
         if cfg.use_run_config:
-            for key in RUN_KEYS:
+            taken = ("model", *(k for k in RUN_KEYS if k not in chosen_groups), "bf16")
+            for key in taken[1:-1]:
                 _replace(cfg, key, run[key])
             cfg.bf16 = run.trainer.bf16
-            _reapply(cfg, cli_overrides)
         _replace(cfg, "model", model)
     elif (path / "config.json").is_file():
         _replace(cfg, "model", {"kind": "hf", "name": path.resolve().name, "name_or_path": str(path.resolve())})
@@ -95,6 +107,9 @@ def resolve_checkpoint(cfg: DictConfig, conf_dir: Path, cli_overrides: list[str]
             f"checkpoint {ckpt!r} is not a run directory (with config_resolved.yaml and checkpoint/), "
             f"an HF model directory (with config.json) or a model preset ({', '.join(presets)})"
         )
+    for o in overrides:
+        if o.key_or_group.split(".")[0] in taken and o.key_or_group not in GROUPS:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
     return cfg
 
 
@@ -104,30 +119,25 @@ def _replace(cfg: DictConfig, key: str, value: Any) -> None:
     node_type = OmegaConf.get_type(cfg, key)
     if dataclasses.is_dataclass(node_type):
         # A run written by an older calibrl may hold keys the schema has since dropped; they are
-        # reported and left out (keys added since take their defaults).
+        # reported and left out (keys added since take their defaults). Interpolations are kept
+        # as written (a preset's `${.name_or_path}` resolves in its new place).
+        raw = OmegaConf.to_container(value, resolve=False) if isinstance(value, DictConfig) else dict(value)
         known = {f.name for f in dataclasses.fields(node_type)}
-        value = OmegaConf.create(value) if not isinstance(value, DictConfig) else value
-        dropped = sorted(str(k) for k in value if k not in known)
+        dropped = sorted(str(k) for k in raw if k not in known)
         if dropped:
             log.warning("run config: %s.%s no longer exist(s); ignored", key, ", ".join(dropped))
-        value = OmegaConf.merge(OmegaConf.structured(node_type), {k: value[k] for k in value if k in known})
+        value = OmegaConf.merge(OmegaConf.structured(node_type), {k: v for k, v in raw.items() if k in known})
     cfg[key] = value
-
-
-def _reapply(cfg: DictConfig, overrides: list[str]) -> None:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    for ov in OverridesParser.create().parse_overrides(overrides):
-        key = ov.key_or_group
-        if ov.package is None and not ov.is_delete() and key.split(".")[0] in (*RUN_KEYS, "bf16"):
-            OmegaConf.update(cfg, key, ov.value(), merge=True)
 
 
 def _eval_sets(cfg: DictConfig) -> dict[str, DictConfig]:
     sets = {cfg.data.name: cfg.data}
     for key, node in cfg.eval_sets.items():
         if node.name in sets:
-            raise ConfigError(f"eval_sets.{key}: eval set name {node.name!r} is used twice; give it another data.name")
+            raise ConfigError(
+                f"eval_sets.{key}: eval set name {node.name!r} is used twice; give it another one with "
+                f"eval_sets.{key}.name=<name>"
+            )
         sets[node.name] = node
     return sets
 
@@ -216,7 +226,7 @@ def _print_summary(results: dict[str, EvalResult]) -> None:
         console.print(table)
         for field_name, labels in r["slices"].items():
             st = Table(title=f"{name} by {field_name} (verbalized confidence)")
-            for c in ("slice", "count", "accuracy", "confidence_mean", "ece", "confident_error_rate"):
+            for c in ("slice", "samples", "accuracy", "confidence_mean", "ece", "confident_error_rate"):
                 st.add_column(c, justify="left" if c == "slice" else "right")
             for label, s in labels.items():
                 v = s["signals"].get("verbalized", {})
@@ -233,8 +243,10 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
         Eval set name -> result.
 
     Raises:
-        ConfigError / FileNotFoundError: see :func:`validate_eval_job`; also a ``eval.slice_by``
-            field an eval set does not have (checked before the model is loaded).
+        ConfigError / FileNotFoundError: see :func:`validate_eval_job`; also an eval set that
+            cannot be built (unknown task, unreadable file, missing field, ``eval.slice_by`` field
+            it does not have; checked before the model is loaded) or a model that cannot be
+            loaded.
     """
     settings = validate_eval_job(cfg)
     out_dir = Path(out_dir)
@@ -245,12 +257,16 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
     (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
     splits = {}
     for name, node in _eval_sets(cfg).items():
-        splits[name] = build_splits(**OmegaConf.to_container(node, resolve=True) | {"train_size": 0})
         try:
+            splits[name] = build_splits(**OmegaConf.to_container(node, resolve=True) | {"train_size": 0})
             check_slice_fields(splits[name].eval, settings.slice_by, name)
-        except ValueError as err:
-            raise ConfigError(err.args[0]) from err
-    model, tokenizer = load_policy(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed))
+        except (KeyError, ValueError) as err:  # a data mistake: bad task, file, field or size
+            raise ConfigError(f"eval set {name!r}: {err.args[0]}") from err
+    try:
+        model, tokenizer = load_policy(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed))
+    except (OSError, ValueError) as err:  # e.g. an HF directory without tokenizer files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model {cfg.model.name_or_path or cfg.model.name!r} could not be loaded: {first}") from err
     model.eval()
     fmt = CompletionFormat(**cfg.prompt.tags)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
@@ -273,9 +289,9 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
             for res in results.values():
                 for row in res.predictions:
                     f.write(json.dumps(row) + "\n")
-        (out_dir / "eval.json").write_text(json.dumps(
+        (out_dir / "eval.json").write_text(report_json(
             {"checkpoint": cfg.checkpoint, "model": resolved["model"], "settings": resolved["eval"],
-             "datasets": {name: res.report for name, res in results.items()}}, indent=2))
+             "datasets": {name: res.report for name, res in results.items()}}))
         images: dict[str, Path] = {}
         if cfg.plots:
             for res in results.values():

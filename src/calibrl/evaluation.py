@@ -15,8 +15,9 @@ Row policy: ``accuracy`` and ``format_rate`` are over all samples (a format fail
 Calibration metrics of every signal are over the well-formed samples (the only ones that state a
 confidence) where that signal is defined, so the signals are compared on the same rows.
 
-Report layout (``EvalResult.report``, written to ``eval.json`` by ``calibrl-eval``); every metric
-is ``{"value", "ci_low", "ci_high", "n_valid"}`` with a seeded percentile bootstrap CI
+Report layout (``EvalResult.report``, written to ``eval.json`` by ``calibrl-eval`` as strict JSON,
+undefined values as ``null``, see :func:`report_json`); every metric is
+``{"value", "ci_low", "ci_high", "n_valid"}`` with a seeded percentile bootstrap CI
 (:func:`calibrl.metrics.bootstrap_ci`)::
 
     {"dataset", "n_questions", "n_samples", "accuracy", "format_rate",
@@ -53,7 +54,7 @@ from calibrl.rewards import RewardFunction
 from calibrl.rl.rollout import generate_rollout
 from calibrl.scoring import score_completions
 
-__all__ = ["EvalSettings", "EvalResult", "check_slice_fields", "evaluate", "write_predictions"]
+__all__ = ["EvalSettings", "EvalResult", "check_slice_fields", "evaluate", "report_json", "write_predictions"]
 
 # Metrics of the voted aggregates (a short list: a vote is already a summary).
 VOTE_METRICS = ("ece", "brier", "auroc", "confidence_mean")
@@ -243,10 +244,10 @@ def _signal_reports(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> d
             q[keep], correct[keep], n_bins=settings.n_bins, threshold=settings.confident_threshold,
             n_resamples=settings.n_bootstrap, seed=settings.seed, level=settings.ci_level,
         )
+        # `accuracy` here is among the rows the calibration metrics see (the well-formed ones);
+        # renamed so it is never read as the accuracy over all samples.
+        report["accuracy_well_formed"] = report.pop("accuracy")
         out[signal] = {"n": int(keep.sum()), **report}
-    if "verbalized" in out:
-        # Accuracy among the rows the calibration metrics see (for the overconfidence gap).
-        out["verbalized"]["accuracy_well_formed"] = out["verbalized"].pop("accuracy")
     return out
 
 
@@ -355,6 +356,22 @@ def evaluate(
         rows = _generate(model, tokenizer, prompts, examples, is_correct, reward_fn, settings, dataset,
                          autocast_dtype, progress)
     return EvalResult(dataset, rows, _summarize(rows, settings, dataset))
+
+
+def report_json(report: Any) -> str:
+    """``report`` as strict JSON (indented): non-finite numbers (undefined metrics, e.g. AUROC
+    with one class, or CIs without resamples) become ``null``."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        return x
+
+    return json.dumps(clean(report), indent=2, allow_nan=False)
 
 
 def write_predictions(result: EvalResult, path: Path) -> Path:

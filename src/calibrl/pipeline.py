@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from calibrl.config import ConfigError, validate
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.data.sources import DataSplits
-from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, write_predictions
+from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, report_json, write_predictions
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import CompletionFormat, RewardFunction
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
@@ -110,7 +110,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
 
     Raises:
         ConfigError / FileNotFoundError: invalid configuration or a missing local path (raised by
-            :func:`calibrl.config.validate` before any data or model is loaded).
+            :func:`calibrl.config.validate` before any data or model is loaded), or data that
+            cannot be built (unknown task, unreadable file, missing field; before the model loads).
     """
     validate(cfg)
     run_dir = Path(run_dir)
@@ -121,13 +122,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
 
-    splits: DataSplits = build_splits(**OmegaConf.to_container(cfg.data, resolve=True))
-    log.info("data %s: %d train / %d eval examples", splits.name, len(splits.train), len(splits.eval))
     eval_settings = EvalSettings.from_config(cfg.eval)
     try:
+        splits: DataSplits = build_splits(**OmegaConf.to_container(cfg.data, resolve=True))
         check_slice_fields(splits.eval, eval_settings.slice_by, splits.name)
-    except ValueError as err:
-        raise ConfigError(err.args[0]) from err
+    except (KeyError, ValueError) as err:  # a data mistake: bad task, file, field or size
+        raise ConfigError(f"data: {err.args[0]}") from err
+    log.info("data %s: %d train / %d eval examples", splits.name, len(splits.train), len(splits.eval))
     reward_fn = RewardFunction(dict(cfg.reward.weights))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     model, tokenizer = load_policy(spec)
@@ -150,7 +151,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
                 dataset=splits.name, autocast_dtype=autocast, progress=bar.update,
             )
         write_predictions(result, run_dir / f"eval_{stage}.jsonl")
-        (run_dir / f"eval_{stage}.json").write_text(json.dumps(result.report, indent=2))
+        (run_dir / f"eval_{stage}.json").write_text(report_json(result.report))
         results[stage] = result.scalars()
         tracker.log({f"eval/{splits.name}/{k}": v for k, v in results[stage].items()}, step=step)
 

@@ -79,6 +79,10 @@ def unknown_key_message(overrides: list[str], config_name: str = "config") -> st
         except Exception:  # noqa: BLE001
             return None
     parent, _, leaf = key.rpartition(".")
+    # A misspelled section (`evl.n_samples`): report the first part that does not exist.
+    while parent and not isinstance(OmegaConf.select(base, parent), DictConfig):
+        key = parent
+        parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(base, parent) if parent else base
     if not isinstance(node, DictConfig):
         return None

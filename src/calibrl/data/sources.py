@@ -159,6 +159,9 @@ def reasoning_gym_source(
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
+    if eval_size < 1 or train_size < 0:
+        raise ValueError(f"data sizes: eval_size must be >= 1 and train_size >= 0, got {eval_size} and {train_size}")
+
     if task not in DATASETS:
         raise ValueError(f"unknown reasoning-gym task {task!r}; valid choices: {', '.join(sorted(DATASETS))}")
     kwargs = dict(task_kwargs or {})
@@ -199,7 +202,12 @@ def _load_table(path: str, split: str, subset: str | None) -> list[dict[str, Any
     if local.is_file():
         if local.suffix not in builders:
             raise ValueError(f"data.path {path!r}: unsupported file type; use one of {sorted(builders)}")
-        ds = datasets.load_dataset(builders[local.suffix], data_files=str(local), split="train")
+        if local.stat().st_size == 0:
+            raise ValueError(f"data.path {path!r} is empty")
+        try:
+            ds = datasets.load_dataset(builders[local.suffix], data_files=str(local), split="train")
+        except Exception as err:  # noqa: BLE001 - datasets raises many types on malformed files
+            raise ValueError(f"data.path {path!r} could not be read as {local.suffix}: {type(err).__name__}: {err}") from err
     elif local.exists() or path.startswith((".", "/", "~")) or local.suffix in builders:
         if not local.exists():
             raise FileNotFoundError(f"data.path {path!r} does not exist")
@@ -259,7 +267,9 @@ def hf_source(
         KeyError: unknown verifier.
     """
     verify = VERIFIERS.get(verifier)
-    rows = _rows_to_examples(_load_table(path, train_split, subset), fields, "train", f"{path}[{train_split}]")
+    # A local file has one table (no splits to name in messages).
+    where = path if Path(path).expanduser().is_file() else f"{path}[{train_split}]"
+    rows = _rows_to_examples(_load_table(path, train_split, subset), fields, "train", where)
     if eval_split:
         held = _rows_to_examples(_load_table(path, eval_split, subset), fields, "eval", f"{path}[{eval_split}]")
         random.Random(eval_seed).shuffle(held)
