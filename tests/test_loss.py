@@ -90,17 +90,28 @@ def test_seq_mean_vs_token_mean_on_unequal_lengths():
     # token_mean: (-1*3 + -4*1) / 4 tokens = -7/4 = -1.75
     # seq_mean:   (mean(-1,-1,-1) + mean(-4)) / 2 seqs = (-1 - 4)/2 = -2.5
     tok = _loss(logp, logp, adv, mask, agg="token_mean", n_tokens=4.0, n_seqs=2.0)
-    seq = _loss(logp, logp, adv, mask, agg="seq_mean", n_tokens=4.0, n_seqs=2.0)
+    seq = _loss(logp, logp, adv, mask, agg="seq_mean_token_mean", n_tokens=4.0, n_seqs=2.0)
     assert tok.loss.item() == pytest.approx(-1.75, abs=1e-12)
     assert seq.loss.item() == pytest.approx(-2.5, abs=1e-12)
 
 
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
+def test_constant_normaliser_is_sequences_times_max_len():
+    logp = torch.zeros(2, 3, dtype=F64)
+    mask = _t([[1, 1, 1], [1, 0, 0]])
+    adv = _t([1.0, 4.0])
+    # per-token loss -A: sum over completion tokens -1*3 - 4*1 = -7; / (2 seqs * max_len 8) = -0.4375
+    out = _loss(logp, logp, adv, mask, agg="constant", max_len=8)
+    assert out.loss.item() == pytest.approx(-7 / 16, abs=1e-12)
+    with pytest.raises(ValueError, match="needs max_len >= 1"):
+        _loss(logp, logp, adv, mask, agg="constant")
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "constant"])
 def test_masked_positions_are_ignored(agg):
     mask = _t([[1, 1, 0], [1, 0, 0]])
     adv = _t([1.0, -1.0])
     logp = _t([[-1.0, -1.0, 0.0], [-1.0, 0.0, 0.0]])
-    base = _loss(logp, logp, adv, mask, agg=agg)
+    base = _loss(logp, logp, adv, mask, agg=agg, max_len=3)
     # Wild (finite) values at padding: ratio exp(10) there, which would be clipped if it counted.
     logp2 = logp.clone()
     logp2[0, 2] = 5.0
@@ -110,22 +121,24 @@ def test_masked_positions_are_ignored(agg):
     old2[1, 1:] = -5.0
     ref2 = logp2.clone()
     ref2[0, 2] = -30.0
-    noisy = _loss(logp2, old2, adv, mask, agg=agg, beta=0.5, ref_logp=ref2)
+    noisy = _loss(logp2, old2, adv, mask, agg=agg, beta=0.5, ref_logp=ref2, max_len=3)
     assert noisy.loss.item() == pytest.approx(base.loss.item(), abs=1e-12)
     assert noisy.clipped_tokens.item() == 0
     assert noisy.kl_sum.item() == 0.0  # ref == logp on every unmasked token
-    # token_mean: -(1 + 1 - 1)/3 = -1/3; seq_mean: (-1 + 1)/2 = 0
-    assert base.loss.item() == pytest.approx(-1 / 3 if agg == "token_mean" else 0.0, abs=1e-12)
+    # token_mean: -(1 + 1 - 1)/3 = -1/3; seq_mean_token_mean: (-1 + 1)/2 = 0;
+    # constant: -(1 + 1 - 1) / (2 seqs * 3) = -1/6
+    expected = {"token_mean": -1 / 3, "seq_mean_token_mean": 0.0, "constant": -1 / 6}[agg]
+    assert base.loss.item() == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "constant"])
 def test_micro_batches_add_up_to_the_batch_loss(agg):
     g = torch.Generator().manual_seed(0)
     logp = -torch.rand(4, 5, generator=g, dtype=F64)
     old = logp + 0.3 * (torch.rand(4, 5, generator=g, dtype=F64) - 0.5)
     adv = _t([1.0, -0.5, 2.0, -1.5])
     mask = _t([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
-    kw = dict(agg=agg, n_tokens=float(mask.sum()), n_seqs=4.0)
+    kw = dict(agg=agg, n_tokens=float(mask.sum()), n_seqs=4.0, max_len=5)
     full = _loss(logp, old, adv, mask, **kw)
     parts = [_loss(logp[s], old[s], adv[s], mask[s], **kw) for s in (slice(0, 1), slice(1, 3), slice(3, 4))]
     assert sum(p.loss.item() for p in parts) == pytest.approx(full.loss.item(), abs=1e-12)
@@ -164,7 +177,7 @@ def test_unknown_agg_raises_key_error_listing_choices():
         _loss(logp, logp, _t([1.0]), torch.ones(1, 2), agg="sum")
     for name in LOSS_AGG.names():
         assert name in str(err.value)
-    assert {"seq_mean", "token_mean"} <= set(LOSS_AGG.names())
+    assert {"seq_mean_token_mean", "token_mean"} <= set(LOSS_AGG.names())
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,7 @@ def test_empty_registry_error():
         (COMPONENTS, {"correctness", "format", "brier", "log_score", "spherical_score"}),
         (COMBINERS, {"sum", "normalize_then_sum", "segment"}),
         (SCORING_RULES, {"brier", "log", "spherical"}),
-        (LOSS_AGG, {"token_mean", "seq_mean"}),
+        (LOSS_AGG, {"token_mean", "seq_mean_token_mean", "constant"}),
         (SOURCES, {"reasoning_gym", "hf"}),
         (VERIFIERS, {"exact", "math_verify"}),
         (CONFIDENCE_POLICIES, {"constant", "uniform", "mixed"}),

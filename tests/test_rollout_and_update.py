@@ -484,3 +484,22 @@ def test_sft_batches_epochs_and_errors(tiny, builder):
         next(sft_batches(tok, builder, EXAMPLES, SFTSettings(confidence_policy="nope")))
     with pytest.raises(ValueError, match="no SFT examples"):
         next(sft_batches(tok, builder, [], SFTSettings()))
+
+
+def test_dropping_zero_advantage_groups_changes_only_the_normaliser(tiny, builder):
+    rollout = _hand_rollout(tok := tiny[1], builder)  # groups [0, 0, 1, 1], lengths 4, 2, 3, 1
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0])  # group 1 is all zero
+    kept = _trainer(copy.deepcopy(tiny[0]), tok, builder).update(rollout, adv)
+    dropped = _trainer(copy.deepcopy(tiny[0]), tok, builder, drop_zero_adv_groups=True).update(rollout, adv)
+    # token mean: -(1*4 - 1*2) / 10 tokens = -0.2 with every group counted; -(4 - 2) / 6 tokens
+    # (group 0 only) = -1/3 with the zero group dropped.
+    assert kept["loss"] == pytest.approx(-0.2, abs=1e-6)
+    assert dropped["loss"] == pytest.approx(-1 / 3, abs=1e-6)
+
+
+def test_zero_adv_group_fraction():
+    from calibrl.rl.grpo import _zero_adv_group_fraction
+
+    adv = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.5], [0.0, 0.0]])
+    # group 0 (rows 0, 1) all zero; group 1 (rows 2, 3) has 0.5 -> 1 of 2 groups
+    assert _zero_adv_group_fraction(adv, torch.tensor([0, 0, 1, 1])) == 0.5

@@ -104,6 +104,7 @@ class AlgoConfig:
     clip_high: float = 0.2
     beta: float = 0.0
     loss_agg: str = "token_mean"
+    drop_zero_adv_groups: bool = False
     ppo_epochs: int = 1
 
 

@@ -25,8 +25,9 @@ The algorithm, exactly as implemented (one RL step):
    With ``algo.ppo_epochs == 1`` the batch is used for one optimizer step right after sampling,
    so ``old_logp`` is the current log-prob detached (ratio exactly 1, the clip inactive); with
    more epochs ``old_logp`` is computed once, before the first update. Completions whose
-   advantage is 0 on every token contribute no gradient when ``beta == 0`` and are skipped in the forward
-   (normalisers still count them, so the loss is unchanged).
+   advantage is 0 on every token contribute no gradient when ``beta == 0`` and are skipped in
+   the forward (normalisers still count them, so the loss is unchanged), unless
+   ``algo.drop_zero_adv_groups`` leaves whole all-zero groups out of the normalisers (DAPO).
 6. **Update.** Gradients accumulated over micro-batches of ``trainer.micro_batch_size``
    completions, clipped to ``trainer.max_grad_norm``, AdamW step, LR schedule step. Forward and
    backward under bf16 autocast when ``trainer.bf16``. A step whose gradient norm is non-finite
@@ -75,7 +76,10 @@ class GRPOSettings:
         std_floor: floor of that std.
         clip_low, clip_high: PPO clip range ``[1 - clip_low, 1 + clip_high]``.
         beta: KL coefficient (0 = no reference model).
-        loss_agg: ``token_mean`` | ``seq_mean``.
+        loss_agg: ``token_mean`` | ``seq_mean_token_mean`` | ``constant`` (see :mod:`calibrl.rl.loss`).
+        drop_zero_adv_groups: leave groups whose advantages are all 0 (every completion scored
+            the same) out of the loss normalisers, as DAPO's dynamic sampling does
+            (arXiv:2503.14476), without refilling the batch; their share is logged either way.
         ppo_epochs: optimizer steps per rollout batch.
         micro_batch_size: completions per forward/backward.
         max_grad_norm: gradient clipping threshold (L2).
@@ -94,10 +98,24 @@ class GRPOSettings:
     clip_high: float = 0.2
     beta: float = 0.0
     loss_agg: str = "token_mean"
+    drop_zero_adv_groups: bool = False
     ppo_epochs: int = 1
     micro_batch_size: int = 32
     max_grad_norm: float = 1.0
     bf16: bool = True
+
+
+def _live_groups(advantages: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+    """BoolTensor ``[max group index + 1]``: the group has a non-zero advantage somewhere
+    (``advantages``: ``[N]`` or ``[N, L]``; ``group_index``: ``[N]``)."""
+    row_live = (advantages != 0) if advantages.ndim == 1 else (advantages != 0).any(dim=1)
+    live = torch.zeros(int(group_index.max()) + 1, dtype=torch.bool)
+    return live.index_put_((group_index,), row_live, accumulate=True)
+
+
+def _zero_adv_group_fraction(advantages: torch.Tensor, group_index: torch.Tensor) -> float:
+    """Share of groups whose advantages are 0 on every token of every completion."""
+    return float((~_live_groups(advantages, group_index)[torch.unique(group_index)]).float().mean())
 
 
 def example_stream(examples: Sequence[Example], seed: int) -> Iterator[Example]:
@@ -223,9 +241,12 @@ class GRPOTrainer:
         """
         s = self.s
         mask = rollout.completion_mask
-        n_tokens = float(mask.sum().clamp_min(1))
-        n_seqs = float(len(rollout))
         nonzero = advantages != 0 if advantages.ndim == 1 else (advantages != 0).any(dim=1)
+        counted = torch.ones(len(rollout), dtype=torch.bool)
+        if s.drop_zero_adv_groups:  # rows of groups with some non-zero advantage
+            counted = _live_groups(advantages, rollout.group_index)[rollout.group_index]
+        n_tokens = float(mask[counted].sum().clamp_min(1))
+        n_seqs = float(max(int(counted.sum()), 1))
         active = torch.arange(len(rollout)) if s.beta > 0 else torch.nonzero(nonzero).flatten()
         out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if s.beta > 0 else {})
         if active.numel() == 0:
@@ -255,6 +276,7 @@ class GRPOTrainer:
                     n_tokens=n_tokens,
                     n_seqs=n_seqs,
                     agg=s.loss_agg,
+                    max_len=s.max_new_tokens,
                     beta=s.beta,
                     ref_logp=ref[k] if ref is not None else None,
                 )
@@ -293,6 +315,7 @@ class GRPOTrainer:
         metrics |= {
             "train/completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
             "train/zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
+            "train/zero_adv_groups": _zero_adv_group_fraction(advantages, rollout.group_index),
             # per completion token
             "train/advantage_abs_mean": float(advantages.abs().sum() / rollout.completion_mask.sum().clamp_min(1)),
             "train/skipped_steps": float(self.skipped_steps),

@@ -12,8 +12,11 @@ Aggregation over tokens (``algo.loss_agg``, registry :data:`LOSS_AGG`):
 
 - ``token_mean``: sum of ``l_it`` over all completion tokens of the batch / their count
   (DAPO, arXiv:2503.14476; no length bias between completions).
-- ``seq_mean``: mean over tokens within each completion, then mean over completions (the
-  original GRPO, arXiv:2402.03300).
+- ``seq_mean_token_mean``: mean over tokens within each completion, then mean over completions
+  (the original GRPO, arXiv:2402.03300; a short completion's tokens weigh more).
+- ``constant``: sum of ``l_it`` over all completion tokens / (completions x ``max_len``), a
+  constant normaliser (Dr. GRPO, arXiv:2503.20783: no length normalisation bias; ``max_len`` is
+  the generation cap ``algo.max_new_tokens``).
 
 Prompt and padding tokens are masked out by ``mask``.
 """
@@ -29,20 +32,27 @@ from calibrl.registry import Registry
 
 __all__ = ["LOSS_AGG", "PolicyLossOutput", "clipped_policy_loss"]
 
-# agg(per_token_loss [N, L], mask [N, L], n_tokens_total, n_seqs_total) -> scalar
-LossAgg = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+# agg(per_token_loss [N, L], mask [N, L], n_tokens_total, n_seqs_total, max_len) -> scalar
+LossAgg = Callable[[torch.Tensor, torch.Tensor, float, float, float], torch.Tensor]
 LOSS_AGG: Registry[LossAgg] = Registry("loss aggregation")
 
 
 @LOSS_AGG.register("token_mean")
-def _token_mean(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float) -> torch.Tensor:
+def _token_mean(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float, max_len: float) -> torch.Tensor:
     return (loss * mask).sum() / n_tokens
 
 
-@LOSS_AGG.register("seq_mean")
-def _seq_mean(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float) -> torch.Tensor:
+@LOSS_AGG.register("seq_mean_token_mean")
+def _seq_mean_token_mean(
+    loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float, max_len: float
+) -> torch.Tensor:
     per_seq = (loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
     return per_seq.sum() / n_seqs
+
+
+@LOSS_AGG.register("constant")
+def _constant(loss: torch.Tensor, mask: torch.Tensor, n_tokens: float, n_seqs: float, max_len: float) -> torch.Tensor:
+    return (loss * mask).sum() / (n_seqs * max_len)
 
 
 @dataclass
@@ -74,6 +84,7 @@ def clipped_policy_loss(
     agg: str = "token_mean",
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
+    max_len: int | None = None,
 ) -> PolicyLossOutput:
     """Clipped surrogate loss of one micro-batch.
 
@@ -85,13 +96,16 @@ def clipped_policy_loss(
         mask: ``[N, L]`` bool/0-1, 1 on completion tokens.
         clip_low, clip_high: eps_low / eps_high, each >= 0.
         n_tokens: completion tokens in the whole batch (normaliser for ``token_mean``).
-        n_seqs: completions in the whole batch (normaliser for ``seq_mean``).
+        n_seqs: completions in the whole batch (normaliser for ``seq_mean_token_mean`` and
+            ``constant``).
         agg: name in :data:`LOSS_AGG`.
         beta: KL coefficient; needs ``ref_logp`` when > 0.
         ref_logp: log-probs under the frozen reference model, ``[N, L]``.
+        max_len: the constant per-completion length of ``constant`` (tokens, >= 1).
 
     Raises:
-        ValueError: shape mismatch, negative clip, or ``beta > 0`` without ``ref_logp``.
+        ValueError: shape mismatch, negative clip, ``beta > 0`` without ``ref_logp``, or
+            ``constant`` without a positive ``max_len``.
         KeyError: unknown ``agg``.
     """
     if logp.shape != old_logp.shape or logp.shape != mask.shape or advantages.shape not in (logp.shape[:1], logp.shape):
@@ -104,6 +118,8 @@ def clipped_policy_loss(
     if beta > 0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp")
     aggregate = LOSS_AGG.get(agg)
+    if agg == "constant" and (max_len is None or max_len < 1):
+        raise ValueError(f"loss aggregation 'constant' needs max_len >= 1, got {max_len}")
     m = mask.to(logp.dtype)
     keep = m > 0
     # Zero the differences at masked positions before exp: their log-probs are arbitrary and an
@@ -120,4 +136,4 @@ def clipped_policy_loss(
         per_token = per_token + beta * kl
         kl_sum = (kl.detach() * m).sum()
     is_clipped = ((clipped < unclipped) & (m > 0)).sum().to(logp.dtype)
-    return PolicyLossOutput(aggregate(per_token, m, n_tokens, n_seqs), is_clipped.detach(), kl_sum)
+    return PolicyLossOutput(aggregate(per_token, m, n_tokens, n_seqs, float(max_len or 0)), is_clipped.detach(), kl_sum)
