@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from calibrl.config import ConfigError
 from calibrl.data import PromptBuilder, build_splits
-from calibrl.evaluation import EvalResult, EvalSettings, check_slice_fields, evaluate, report_json
+from calibrl.confidence_signals import SIGNALS
+from calibrl.evaluation import EvalResult, EvalSettings, check_slice_fields, evaluate, report_json, signal_values
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import CompletionFormat, RewardFunction
 from calibrl.tracking import Tracker
@@ -178,9 +179,8 @@ def _plots(result: EvalResult, settings: EvalSettings, plot_dir: Path) -> dict[s
 
     correct = np.array([r["correct"] for r in result.predictions], dtype=np.float64)
     panels = {}
-    for signal, label in (("confidence", "verbalized"), ("answer_prob", "answer-token prob."),
-                          ("lowest_window_prob", "lowest-window prob.")):
-        q = np.array([np.nan if r[signal] is None or not r["format_ok"] else r[signal] for r in result.predictions])
+    for signal, label in zip(SIGNALS, ("verbalized", "answer-token prob.", "lowest-window prob.")):
+        q = signal_values(result.predictions, signal)
         keep = np.isfinite(q)
         if keep.any():
             panels[label] = (q[keep], correct[keep])

@@ -54,7 +54,7 @@ from calibrl.rewards import RewardFunction
 from calibrl.rl.rollout import generate_rollout
 from calibrl.scoring import score_completions
 
-__all__ = ["EvalSettings", "EvalResult", "check_slice_fields", "evaluate", "report_json", "write_predictions"]
+__all__ = ["EvalSettings", "EvalResult", "check_slice_fields", "evaluate", "report_json", "signal_values", "write_predictions"]
 
 # Metrics of the voted aggregates (a short list: a vote is already a summary).
 VOTE_METRICS = ("ece", "brier", "auroc", "confidence_mean")
@@ -218,7 +218,9 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _signal_values(rows: Sequence[dict[str, Any]], signal: str) -> np.ndarray:
+def signal_values(rows: Sequence[dict[str, Any]], signal: str) -> np.ndarray:
+    """float ``[len(rows)]``: the ``signal`` (a name in :data:`~calibrl.confidence_signals.SIGNALS`)
+    of every prediction row, NaN where the row is not well-formed or the signal is undefined."""
     key = "confidence" if signal == "verbalized" else signal
     return np.array([np.nan if r[key] is None or not r["format_ok"] else r[key] for r in rows], dtype=np.float64)
 
@@ -236,7 +238,7 @@ def _signal_reports(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> d
     correct = np.array([r["correct"] for r in rows], dtype=np.float64)
     out: dict[str, dict[str, Any]] = {}
     for signal in SIGNALS:
-        q = _signal_values(rows, signal)
+        q = signal_values(rows, signal)
         keep = np.isfinite(q)
         if not keep.any():
             continue
@@ -287,7 +289,7 @@ def _voting(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str,
     ``accuracy`` over all questions (no vote = wrong) and :data:`VOTE_METRICS` over the questions
     that voted, each with a bootstrap CI over questions."""
     ids, answers = [r["id"] for r in rows], [r["answer"] for r in rows]
-    conf, correct = _signal_values(rows, "verbalized"), [r["correct"] for r in rows]
+    conf, correct = signal_values(rows, "verbalized"), [r["correct"] for r in rows]
     metrics = {k: fn for k, fn in scalar_metrics(settings.n_bins, settings.confident_threshold).items() if k in VOTE_METRICS}
     out = {}
     for method in VOTING_METHODS.names():
