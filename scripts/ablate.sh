@@ -10,7 +10,7 @@
 # outputs/ablation/comparison.{md,csv}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ARMS=${ARMS:-"rlvr rlcr_sum rlcr_sum_std rlcr_gdpo rlcr_segment rlcr_log"}
+ARMS=${ARMS:-"rlvr rlcr_sum rlcr_sum_std rlcr_gdpo rlcr_segment rlcr_log abstain"}
 SEEDS=${SEEDS:-"0"}
 OUT=${OUT:-outputs/ablation}
 dirs=()

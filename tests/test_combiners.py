@@ -61,7 +61,7 @@ def test_objective_of_every_registered_component():
 
 
 def test_objective_of_unknown_lists_known():
-    with pytest.raises(KeyError, match="known components: brier, correctness, format, log_score"):
+    with pytest.raises(KeyError, match="known components: abstention, brier, correctness, format, log_score"):
         objective_of("bier")
 
 
@@ -273,7 +273,7 @@ BAD = [
     (dict(group=torch.tensor([0, 0, 0, 1, 2])), ValueError, r"groups \[1, 2\] have a single completion"),
     (dict(std_floor=-1e-4), ValueError, "std_floor must be > 0"),
     (dict(std_floor=0.0), ValueError, "std_floor must be > 0"),
-    (dict(names=["correctness", "bier", "format"]), KeyError, "known components: brier, correctness"),
+    (dict(names=["correctness", "bier", "format"]), KeyError, "known components: abstention, brier, correctness"),
 ]
 
 

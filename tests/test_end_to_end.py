@@ -103,7 +103,7 @@ def test_cli_unknown_group_option_lists_choices():
 def test_cli_unknown_reward_component_fails_before_loading(tmp_path):
     out = _cli("model=tiny", "debug=default", "+reward.weights.bier=1.0", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 2
-    assert "unknown reward component 'bier'; valid choices: brier, correctness, format" in out.stderr
+    assert "unknown reward component 'bier'; valid choices: abstention, brier, correctness, format" in out.stderr
     assert "Traceback" not in out.stderr  # a config mistake is one line, not a stack trace
     assert not (tmp_path / "metrics.jsonl").exists()
 

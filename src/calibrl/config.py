@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from calibrl.rewards import CompletionFormat
 
 __all__ = ["Config", "ConfigError", "EvalJobConfig", "register_schema", "validate"]
 
@@ -43,6 +46,13 @@ class ModelConfig:
 
 
 @dataclass
+class UnanswerableConfig:
+    train_fraction: float = 0.0  # share of rows turned unanswerable (calibrl.data.unanswerable)
+    eval_fraction: float = 0.0
+    placeholder: str = "x"
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     source: str = MISSING  # reasoning_gym | hf
@@ -63,6 +73,7 @@ class DataConfig:
         default_factory=lambda: {"question": "question", "answer": "answer", "id": None, "slice": None}
     )
     verifier: str = "exact"
+    unanswerable: UnanswerableConfig = field(default_factory=UnanswerableConfig)
 
 
 @dataclass
@@ -78,6 +89,7 @@ class PromptConfig:
     system: str = MISSING
     think_text: str = "Let me work it out."
     tags: FormatConfig = field(default_factory=FormatConfig)
+    abstain_phrase: Optional[str] = None  # the answer that abstains; null: abstention is off
 
 
 @dataclass
@@ -222,6 +234,17 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="calibrl_eval_schema", node=EvalJobConfig)
 
 
+def completion_format(cfg: DictConfig) -> "CompletionFormat":
+    """The completion format a run parses: ``prompt.tags`` and ``prompt.abstain_phrase``.
+
+    Raises:
+        ValueError: a blank abstain phrase.
+    """
+    from calibrl.rewards import CompletionFormat
+
+    return CompletionFormat(**cfg.prompt.tags, abstain=cfg.prompt.abstain_phrase)
+
+
 def validate(cfg: DictConfig) -> None:
     """Resolve every registry name, build the reward function and check local paths, before any
     heavy work.
@@ -239,6 +262,7 @@ def validate(cfg: DictConfig) -> None:
     from calibrl.rl.loss import LOSS_AGG
 
     try:
+        completion_format(cfg)
         RewardFunction(dict(cfg.reward.weights))
         COMBINERS.get(cfg.objective.combine)
         for component in cfg.reward.weights:
@@ -261,6 +285,11 @@ def validate(cfg: DictConfig) -> None:
         (cfg.deepspeed.enabled, "deepspeed.enabled=true is not supported yet; use deepspeed=none"),
         (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
         (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
+        ("abstention" in cfg.reward.weights and cfg.prompt.abstain_phrase is None,
+         "reward.weights.abstention needs prompt.abstain_phrase (the answer that abstains), e.g. prompt=tags_abstain"),
+        (cfg.data.unanswerable.train_fraction > 0 and cfg.prompt.abstain_phrase is None,
+         "data.unanswerable.train_fraction > 0 needs prompt.abstain_phrase: the model must be able to abstain "
+         "on the unanswerable items it is trained on (e.g. prompt=tags_abstain)"),
     ]
     for key, low in (
         ("algo.group_size", 2),

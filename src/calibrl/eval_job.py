@@ -32,12 +32,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from calibrl.config import ConfigError
+from calibrl.config import ConfigError, completion_format
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.confidence_signals import SIGNALS
 from calibrl.evaluation import EvalResult, EvalSettings, check_slice_fields, evaluate, report_json, signal_values
 from calibrl.models import ModelSpec, load_policy
-from calibrl.rewards import CompletionFormat, RewardFunction
+from calibrl.rewards import RewardFunction
 from calibrl.tracking import Tracker
 
 __all__ = ["RUN_KEYS", "resolve_checkpoint", "validate_eval_job", "run_eval_job"]
@@ -157,6 +157,7 @@ def validate_eval_job(cfg: DictConfig) -> EvalSettings:
     from calibrl.data.sources import SOURCES, VERIFIERS
 
     try:
+        completion_format(cfg)
         RewardFunction(dict(cfg.reward.weights))
         settings = EvalSettings.from_config(cfg.eval)
         for name, node in _eval_sets(cfg).items():
@@ -268,7 +269,7 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"model {cfg.model.name_or_path or cfg.model.name!r} could not be loaded: {first}") from err
     model.eval()
-    fmt = CompletionFormat(**cfg.prompt.tags)
+    fmt = completion_format(cfg)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     reward_fn = RewardFunction(dict(cfg.reward.weights))
     autocast = torch.bfloat16 if cfg.bf16 else None

@@ -23,14 +23,20 @@ undefined values as ``null``, see :func:`report_json`); every metric is
     {"dataset", "n_questions", "n_samples", "accuracy", "format_rate",
      "signals": {signal: {"n": rows, metric: ...}},             # metric names: calibrl.metrics.scalar_metrics
      "slices": {field: {label: {"count", "accuracy", "format_rate", "signals": {signal: {metric: ...}}}}},
-     "voting": {method: {"coverage": share, "accuracy", "ece", "brier", "auroc", "confidence_mean"}}}  # n_samples > 1
+     "voting": {method: {"coverage": share, "accuracy", "ece", "brier", "auroc", "confidence_mean"}},  # n_samples > 1
+     "abstention": {"rate", "answer_rate", "selective_accuracy", "over", "under", ...}}  # plain numbers
+
+``abstention`` (:func:`calibrl.metrics.abstention_metrics`) is reported when the format has an
+abstain phrase or the set has unanswerable items. An abstention is a well-formed row with the
+verdict of :func:`calibrl.scoring.verdict` (wrong on an answerable question, right on an
+unanswerable one), so it counts in ``accuracy`` and in the calibration metrics like any answer.
 
 Flat scalars (``EvalResult.scalars()``, logged as ``eval/<dataset>/<key>``): ``accuracy``,
 ``format_rate``, ``overconfidence`` (mean stated confidence minus accuracy, well-formed rows), every
 verbalized metric under its own name (``ece``, ``brier``, ``auroc``, ``confidence_mean``, ...), the
 other signals as ``<signal>/<metric>``, per slice ``slice/<label>/<metric>`` (field ``slice``) or
 ``slice/<field>=<label>/<metric>`` with ``count``, ``accuracy`` and the verbalized metrics, and
-per voting method ``vote/<method>/<metric>``.
+per voting method ``vote/<method>/<metric>``, and ``abstain/<key>``.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import torch
 from calibrl.confidence_signals import SIGNALS, confidence_signals
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
-from calibrl.metrics import bootstrap_ci, metric_report, scalar_metrics
+from calibrl.metrics import abstention_metrics, bootstrap_ci, metric_report, scalar_metrics
 from calibrl.metrics.voting import VOTING_METHODS, aggregate
 from calibrl.rewards import RewardFunction
 from calibrl.rl.rollout import generate_rollout
@@ -157,6 +163,7 @@ class EvalResult:
                 out[f"{prefix}/count"] = float(s["count"])
                 out[f"{prefix}/accuracy"] = s["accuracy"]["value"]
                 out |= {f"{prefix}/{k}": v["value"] for k, v in s["signals"].get("verbalized", {}).items() if k != "n"}
+        out |= {f"abstain/{k}": v for k, v in r.get("abstention", {}).items()}
         for method, metrics in r.get("voting", {}).items():
             out |= {f"vote/{method}/{k}": v["value"] if isinstance(v, dict) else v for k, v in metrics.items()}
         return out
@@ -203,6 +210,7 @@ def _generate(
                     "dataset": dataset, "id": e.id, "sample": i % settings.n_samples, "slice": e.slice,
                     "fields": dict(e.fields), "question": e.question, "reference": e.answer, "completion": text,
                     "answer": p.answer, "format_ok": p.format_ok, "error": p.error,
+                    "abstained": p.abstained, "unanswerable": e.unanswerable,
                     "correct": int(rewards.correct[i]),
                     # `confidence` is the verbalized signal (None when the format failed).
                     "confidence": p.confidence,
@@ -253,7 +261,7 @@ def _signal_reports(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> d
     return out
 
 
-def _summarize(rows: list[dict[str, Any]], settings: EvalSettings, dataset: str) -> dict[str, Any]:
+def _summarize(rows: list[dict[str, Any]], settings: EvalSettings, dataset: str, abstention: bool = False) -> dict[str, Any]:
     correct = np.array([r["correct"] for r in rows], dtype=np.float64)
     ok = np.array([r["format_ok"] for r in rows], dtype=np.float64)
     report: dict[str, Any] = {
@@ -281,6 +289,11 @@ def _summarize(rows: list[dict[str, Any]], settings: EvalSettings, dataset: str)
         }
     if settings.n_samples > 1:
         report["voting"] = _voting(rows, settings)
+    if abstention:
+        report["abstention"] = abstention_metrics(
+            [r["id"] for r in rows], [r["abstained"] for r in rows], [r["correct"] for r in rows],
+            [r["format_ok"] for r in rows], [r["unanswerable"] for r in rows],
+        )
     return report
 
 
@@ -357,7 +370,8 @@ def evaluate(
         torch.manual_seed(settings.seed)
         rows = _generate(model, tokenizer, prompts, examples, is_correct, reward_fn, settings, dataset,
                          autocast_dtype, progress)
-    return EvalResult(dataset, rows, _summarize(rows, settings, dataset))
+    abstention = prompts.fmt.abstain is not None or any(e.unanswerable for e in examples)
+    return EvalResult(dataset, rows, _summarize(rows, settings, dataset, abstention))
 
 
 def report_json(report: Any) -> str:

@@ -26,12 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from calibrl.config import ConfigError, validate
+from calibrl.config import ConfigError, completion_format, validate
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.data.sources import DataSplits
 from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, report_json, write_predictions
 from calibrl.models import ModelSpec, load_policy
-from calibrl.rewards import CompletionFormat, RewardFunction
+from calibrl.rewards import RewardFunction
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_warmup
 from calibrl.sft_cache import load_sft_cache, save_sft_cache, sft_cache_dir
@@ -132,7 +132,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     reward_fn = RewardFunction(dict(cfg.reward.weights))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     model, tokenizer = load_policy(spec)
-    fmt = CompletionFormat(**cfg.prompt.tags)
+    fmt = completion_format(cfg)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     autocast = torch.bfloat16 if cfg.trainer.bf16 else None
     lg = cfg.logger

@@ -89,10 +89,22 @@ class PromptBuilder:
         """A completion in the format with the reference answer and the given confidence.
 
         The confidence is written with two decimals; ends with the tokenizer's EOS token so
-        the model learns to stop.
+        the model learns to stop. An unanswerable example is demonstrated with the abstain phrase
+        as its answer (abstaining is the correct response to it, :func:`calibrl.scoring.verdict`).
+
+        Raises:
+            ValueError: ``example`` is unanswerable but the format has no abstain phrase.
         """
         f = self.fmt
+        answer = example.answer
+        if example.unanswerable:
+            if f.abstain is None:
+                raise ValueError(
+                    f"example {example.id!r} is unanswerable but prompt.abstain_phrase is unset: "
+                    "there is no correct answer to demonstrate"
+                )
+            answer = f.abstain
         return (
-            f"<{f.think}>{self.think_text}</{f.think}>\n<{f.answer}>{example.answer}</{f.answer}>\n"
+            f"<{f.think}>{self.think_text}</{f.think}>\n<{f.answer}>{answer}</{f.answer}>\n"
             f"<{f.confidence}>{confidence:.2f}</{f.confidence}>{self.tokenizer.eos_token}"
         )

@@ -42,6 +42,10 @@ class Example:
             ``task`` and the scalar metadata, e.g. ``num_terms``; hf: the row's scalar columns
             other than question and answer).
         meta: source-specific data the verifier needs (e.g. the reasoning-gym entry).
+
+    An example is *unanswerable* when ``fields["unanswerable"]`` is true (a column of that name
+    in a local table, or :func:`calibrl.data.unanswerable.make_unanswerable`); its ``answer`` is
+    then never verified (see :func:`calibrl.scoring.verdict`).
     """
 
     id: str
@@ -50,6 +54,20 @@ class Example:
     slice: str = "all"
     fields: Mapping[str, str | int | float | bool] = field(default_factory=dict, compare=False, hash=False)
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def unanswerable(self) -> bool:
+        """``fields["unanswerable"]`` (absent: False).
+
+        Raises:
+            ValueError: the field holds something other than a bool or the integers 0/1.
+        """
+        flag = self.fields.get("unanswerable", False)
+        if isinstance(flag, bool):
+            return flag
+        if isinstance(flag, int) and flag in (0, 1):
+            return bool(flag)
+        raise ValueError(f"example {self.id!r}: field 'unanswerable' must be true/false or 0/1, got {flag!r}")
 
     def field_value(self, name: str) -> str:
         """The value of ``name`` as a slice label: ``"slice"`` is :attr:`slice`, any other name is
@@ -287,10 +305,24 @@ def hf_source(
     return DataSplits(name, train, held, verify)
 
 
-def build_splits(source: str, **kwargs: Any) -> DataSplits:
-    """Build the splits of the source registered as ``source`` (see :data:`SOURCES`).
+def build_splits(source: str, unanswerable: Mapping[str, Any] | None = None, **kwargs: Any) -> DataSplits:
+    """Build the splits of the source registered as ``source`` (see :data:`SOURCES`), then make
+    ``unanswerable["train_fraction"]`` / ``["eval_fraction"]`` of each split unanswerable
+    (:func:`calibrl.data.unanswerable.make_unanswerable`, seeded with the split's seed;
+    ``placeholder`` optional).
 
     Raises:
         KeyError: unknown source; the message lists the valid ones.
+        ValueError: a bad fraction, a question with no operand to remove, or an ``unanswerable``
+            field that is not a bool or 0/1.
     """
-    return SOURCES.get(source)(**kwargs)
+    from calibrl.data.unanswerable import make_unanswerable  # it imports Example from here
+
+    splits = SOURCES.get(source)(**kwargs)
+    u = dict(unanswerable or {})
+    placeholder = u.get("placeholder", "x")
+    splits.train = make_unanswerable(splits.train, u.get("train_fraction", 0.0), kwargs["train_seed"], placeholder)
+    splits.eval = make_unanswerable(splits.eval, u.get("eval_fraction", 0.0), kwargs["eval_seed"], placeholder)
+    for e in (*splits.train, *splits.eval):
+        _ = e.unanswerable  # a malformed flag fails here, at start-up, not mid-run
+    return splits

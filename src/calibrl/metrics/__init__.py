@@ -6,10 +6,12 @@ that are non-finite or outside [0, 1], or correctness values other than 0/1. The
 
 - :mod:`calibrl.metrics.calibration`: the metrics (binned calibration errors, Brier and its
   decomposition, log loss, AUROC, risk-coverage / selective prediction).
+- :mod:`calibrl.metrics.abstention`: abstention rate, selective accuracy, over/under-abstention.
 - :mod:`calibrl.metrics.report`: the named set of scalar metrics evaluation reports, with
   bootstrap intervals, overall and per slice.
 """
 
+from calibrl.metrics.abstention import ABSTENTION_KEYS, abstention_metrics
 from calibrl.metrics.calibration import (
     ReliabilityBins,
     accuracy_at_coverage,
@@ -27,6 +29,8 @@ from calibrl.metrics.calibration import (
 from calibrl.metrics.report import SCALAR_METRICS, bootstrap_ci, metric_report, scalar_metrics, slice_report
 
 __all__ = [
+    "ABSTENTION_KEYS",
+    "abstention_metrics",
     "SCALAR_METRICS",
     "ReliabilityBins",
     "accuracy_at_coverage",

@@ -1,11 +1,12 @@
 """Objective combiners: from reward components to per-token advantages.
 
-Reward components (:mod:`calibrl.rewards.components`) are grouped into three *objectives*
+Reward components (:mod:`calibrl.rewards.components`) are grouped into four *objectives*
 (:data:`OBJECTIVE_OF`)::
 
     accuracy     correctness
     calibration  brier, log_score, spherical_score   (scoring rules of the stated confidence)
     format       format
+    abstention   abstention                          (optional: the reward for abstaining)
 
 A combiner (registry :data:`COMBINERS`, config ``objective.combine``) has one signature::
 
@@ -41,8 +42,8 @@ objective o.
 
 ``segment`` (credit assignment by segment, cf. DCPO, arXiv:2603.09117)
     The per-objective advantages of ``normalize_then_sum``, placed on the tokens that produced
-    them: accuracy on segment-0 tokens, calibration on segment-1 tokens, format on every
-    completion token. A row with no segment-1 token (no answer span, or nothing written after
+    them: accuracy and abstention (the choice to abstain is written in the answer) on segment-0
+    tokens, calibration on segment-1 tokens, format on every completion token. A row with no segment-1 token (no answer span, or nothing written after
     ``</answer>``: a format failure) gets accuracy *and* calibration on all its tokens: with no
     confidence to blame the whole sequence is at fault, and putting the calibration term
     nowhere would let a format failure escape the calibration penalty (its Brier is the worst,
@@ -68,7 +69,7 @@ from calibrl.rl.advantages import group_advantages
 
 __all__ = ["COMBINERS", "OBJECTIVES", "OBJECTIVE_OF", "Combiner", "objective_of", "segment_ids"]
 
-OBJECTIVES = ("accuracy", "calibration", "format")
+OBJECTIVES = ("accuracy", "calibration", "format", "abstention")
 
 #: Reward component -> the objective it serves. Read-only; use :func:`objective_of` for a lookup
 #: whose error lists the known components.
@@ -79,6 +80,7 @@ OBJECTIVE_OF: Mapping[str, str] = MappingProxyType(
         "log_score": "calibration",
         "spherical_score": "calibration",
         "format": "format",
+        "abstention": "abstention",
     }
 )
 
@@ -258,7 +260,7 @@ def combine_segment(
     after = segments == 1
     whole = tokens & ~after.any(dim=1, keepdim=True)  # [N, L]: every token of rows without segment 1
     return (
-        _on_tokens(adv["accuracy"], (segments == 0) | whole)
+        _on_tokens(adv["accuracy"] + adv["abstention"], (segments == 0) | whole)
         + _on_tokens(adv["calibration"], after | whole)
         + _on_tokens(adv["format"], tokens)
     )

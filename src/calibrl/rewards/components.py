@@ -19,7 +19,20 @@ log_score      log q if c else log(1 - q),  [ln 1e-4,         ln 1e-4 (the worst
                q clipped to [1e-4, 1-1e-4]  ln(1 - 1e-4)]
 spherical_     (qc + (1-q)(1-c)) /          [0, 1]            0
 score          sqrt(q^2 + (1-q)^2)
+abstention     1 on an abstention that is   [0, 1]            0
+               not correct (an answerable
+               question), else 0
 =============  ===========================  ================  =========================
+
+``c`` is the verdict of :func:`calibrl.scoring.verdict`: an abstention is correct on an
+unanswerable question (it earns ``correctness`` 1 there) and wrong on an answerable one, where it
+earns the ``abstention`` weight ``w`` instead. Answering pays 1 if right and 0 if wrong, so
+abstention is worth it when the chance of being right is low: with weights correctness 1,
+brier 1 and a calibrated confidence p, answering is worth ``p - p(1 - p) = p^2`` and abstaining
+with confidence 0 is worth ``w``, so the rational policy abstains iff ``p < sqrt(w)``
+(``w = 0.25``: abstain below 1/2). The trade-off of a fixed abstention reward is that of R-Tuning
+(arXiv:2311.09677) and TruthRL's ternary reward (arXiv:2509.25760); :class:`RewardFunction`
+requires ``0 <= w < weights["correctness"]`` (at or above it abstaining beats a right answer).
 
 The calibration components are the scoring rules of :mod:`calibrl.rewards.scoring_rules`
 (ranges and properness there).
@@ -79,6 +92,10 @@ def _format(parsed: ParsedCompletion, correct: bool) -> float:
     return 1.0
 
 
+def _abstention(parsed: ParsedCompletion, correct: bool) -> float:
+    return 1.0 if parsed.abstained and not correct else 0.0
+
+
 def _scoring_rule_component(rule_name: str) -> RewardComponent:
     """The calibration component scoring the stated confidence with a registered scoring rule
     (:mod:`calibrl.rewards.scoring_rules`); a format failure gets the rule's worst value."""
@@ -97,6 +114,7 @@ COMPONENTS.register("format")(RewardComponent(_format, 1.0, 1.0, 0.0))
 COMPONENTS.register("brier")(_scoring_rule_component("brier"))
 COMPONENTS.register("log_score")(_scoring_rule_component("log"))
 COMPONENTS.register("spherical_score")(_scoring_rule_component("spherical"))
+COMPONENTS.register("abstention")(RewardComponent(_abstention, 0.0, 1.0, 0.0))
 
 
 def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -164,7 +182,8 @@ class RewardFunction:
     Raises:
         KeyError: unknown component (the message lists the valid ones).
         ValueError: under these weights a format failure would not score strictly below every
-            well-formed completion (e.g. a zero ``format`` weight), or a weight is non-finite.
+            well-formed completion (e.g. a zero ``format`` weight), a weight is non-finite, or
+            the ``abstention`` weight is negative or not below the ``correctness`` weight.
     """
 
     def __init__(self, weights: Mapping[str, float]) -> None:
@@ -175,6 +194,13 @@ class RewardFunction:
         for k, w in self.weights.items():
             if not math.isfinite(w):
                 raise ValueError(f"reward.weights.{k} is not finite: {w}")
+        if "abstention" in self.weights:
+            w, top = self.weights["abstention"], self.weights.get("correctness", 0.0)
+            if not 0.0 <= w < top:
+                raise ValueError(
+                    f"reward.weights.abstention={w:g} must be in [0, correctness weight {top:g}): "
+                    "at or above it, abstaining pays as much as a right answer"
+                )
         # Lowest total over well-formed completions, bounding each term on its own (a lower bound
         # of the true minimum, so "failure < bound" is sufficient).
         self.lowest_well_formed = sum(

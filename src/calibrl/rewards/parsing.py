@@ -22,6 +22,13 @@ Policy, in the order it is checked (the first failure is the reported ``error``)
 
 A format failure returns ``confidence=None`` even when an answer was found, so nothing downstream
 can score an unparseable confidence.
+
+Abstention (off unless :attr:`CompletionFormat.abstain` is set, ``prompt.abstain_phrase``): a
+well-formed completion whose answer equals the abstain phrase after trimming, case-folding,
+collapsing whitespace and dropping one trailing period (``"I don't know."`` matches
+``"i don't  know"``) is an *abstention* (``abstained=True``). It still needs a confidence: the
+stated confidence is the probability that the *response* is correct, see
+:func:`calibrl.scoring.verdict` for when an abstention is correct. A format failure never abstains.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["CompletionFormat", "ParsedCompletion", "parse_completion", "parse_confidence"]
+__all__ = ["CompletionFormat", "ParsedCompletion", "normalize_answer", "parse_completion", "parse_confidence"]
 
 # A decimal with optional exponent, then optional '%', then at most one trailing period.
 _NUMBER = re.compile(
@@ -51,12 +58,22 @@ class CompletionFormat:
         answer: tag that holds the final answer.
         analysis: optional scratch tag between answer and confidence (contents ignored).
         confidence: tag that holds the stated probability of being correct.
+        abstain: the answer that means "I abstain" (``None``: abstention is off, no answer is
+            an abstention).
+
+    Raises:
+        ValueError: ``abstain`` is set but blank.
     """
 
     think: str = "think"
     answer: str = "answer"
     analysis: str = "analysis"
     confidence: str = "confidence"
+    abstain: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.abstain is not None and not normalize_answer(self.abstain):
+            raise ValueError(f"the abstain phrase must be non-blank, got {self.abstain!r}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,7 @@ class ParsedCompletion:
         error: reason for the format failure, ``None`` when ``format_ok``.
         answer_span: ``(start, end)`` character offsets of the answer text in the completion.
         confidence_span: ``(start, end)`` character offsets of the confidence text.
+        abstained: the answer is the abstain phrase (only on well-formed completions).
     """
 
     answer: str | None
@@ -78,6 +96,13 @@ class ParsedCompletion:
     error: str | None = None
     answer_span: tuple[int, int] | None = None
     confidence_span: tuple[int, int] | None = None
+    abstained: bool = False
+
+
+def normalize_answer(text: str) -> str:
+    """``text`` trimmed, case-folded, whitespace collapsed, one trailing period dropped: the form
+    in which an answer is compared with the abstain phrase."""
+    return re.sub(r"\s+", " ", text.strip().removesuffix(".").strip()).casefold()
 
 
 def parse_confidence(text: str) -> tuple[float | None, str | None]:
@@ -175,4 +200,5 @@ def parse_completion(text: str, fmt: CompletionFormat = CompletionFormat()) -> P
     q, reason = parse_confidence(text[conf_span[0] : conf_span[1]])
     if q is None:
         return fail(reason or "invalid confidence")
-    return ParsedCompletion(answer, q, True, None, answer_span, conf_span)
+    abstained = fmt.abstain is not None and normalize_answer(answer) == normalize_answer(fmt.abstain)
+    return ParsedCompletion(answer, q, True, None, answer_span, conf_span, abstained)

@@ -7,17 +7,19 @@ The algorithm, exactly as implemented (one RL step):
 2. **Rollouts.** Sample G = ``algo.group_size`` completions per prompt with HF ``generate``
    (temperature ``algo.temperature``, top-p ``algo.top_p``, at most ``algo.max_new_tokens``
    tokens, stopping once ``</confidence>`` is written).
-3. **Rewards.** Parse every completion (:func:`calibrl.rewards.parse_completion`), run the task's
-   verifier on the parsed answer, compute each reward component (``reward.weights`` names them
+3. **Rewards.** Parse every completion (:func:`calibrl.rewards.parse_completion`), take its
+   verdict (:func:`calibrl.scoring.verdict`: the task's verifier on the parsed answer; with
+   ``prompt.abstain_phrase`` an abstention is right exactly on unanswerable questions), compute
+   each reward component (``reward.weights`` names them
    and weighs them; their weighted sum is logged as ``rewards/total``). Every reward is checked
    finite; a non-finite reward stops the run (it would be a bug, never a policy signal).
 4. **Advantages.** Token advantages from the reward components by the objective combiner
    ``objective.combine`` (:mod:`calibrl.objectives`). ``sum`` (default):
    ``A_i = r_i - mean_group(r)`` of the weighted sum, divided by the group's std (floored) only
    when ``algo.scale_rewards``, on every token; ``normalize_then_sum``: each objective
-   (accuracy, calibration, format) group-normalised on its own, then summed; ``segment``: those
-   per-objective advantages on the tokens that produced them (accuracy up to ``</answer>``,
-   calibration after it). No value model.
+   (accuracy, calibration, format, abstention) group-normalised on its own, then summed;
+   ``segment``: those per-objective advantages on the tokens that produced them (accuracy and
+   abstention up to ``</answer>``, calibration after it). No value model.
 5. **Policy loss.** PPO clipped surrogate over completion tokens only (prompt and padding
    masked), ratio ``exp(logp - old_logp)`` clipped to ``[1 - clip_low, 1 + clip_high]``,
    aggregated by ``algo.loss_agg`` (token mean by default), plus ``beta * k3-KL`` to a frozen
@@ -51,7 +53,7 @@ import torch
 
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
-from calibrl.metrics import calibration_summary
+from calibrl.metrics import abstention_metrics, calibration_summary
 from calibrl.objectives import COMBINERS, segment_ids
 from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, reward_metrics
 from calibrl.rl.loss import clipped_policy_loss
@@ -312,6 +314,12 @@ class GRPOTrainer:
         metrics = reward_metrics(rewards.components, rewards.total)
         metrics |= {f"train/{k}": v for k, v in calibration_summary(rewards.correct, rewards.confidence, rewards.format_ok).items()}
         metrics |= {f"train/{k}": v for k, v in upd.items()}
+        unanswerable = [e.unanswerable for e in examples for _ in range(self.s.group_size)]
+        if self.prompts.fmt.abstain is not None or any(unanswerable):
+            # a group is G samples of one question, so over-abstention is defined every step
+            abst = abstention_metrics(rollout.group_index.tolist(), [p.abstained for p in parsed], rewards.correct,
+                                      rewards.format_ok, unanswerable)
+            metrics |= {f"train/abstain/{k}": v for k, v in abst.items()}
         metrics |= {
             "train/completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
             "train/zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
