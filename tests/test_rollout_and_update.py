@@ -19,6 +19,7 @@ from calibrl.data.sources import Example, exact_match
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction, parse_completion
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+from calibrl.rl.engine import TorchEngine
 from calibrl.rl.rollout import Rollout, _completion_mask, completion_logprobs, generate_rollout
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_batches
 from calibrl.train import CONF_DIR
@@ -278,9 +279,10 @@ def _trainer(model, tok, builder, **settings) -> GRPOTrainer:
     s = GRPOSettings(group_size=2, prompts_per_step=2, max_new_tokens=6, micro_batch_size=2, bf16=False)
     for k, v in settings.items():
         setattr(s, k, v)
+    engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=1.0)
     return GRPOTrainer(
-        model, tok, builder, EXAMPLES, lambda a, e: a is not None and exact_match(a, e) >= 1,
-        RewardFunction(RLCR), s, torch.optim.AdamW(model.parameters(), lr=1e-3),
+        engine, tok, builder, EXAMPLES, lambda a, e: a is not None and exact_match(a, e) >= 1,
+        RewardFunction(RLCR), s,
     )
 
 
@@ -297,7 +299,7 @@ def test_update_with_zero_advantages_changes_nothing(tiny, builder):
     assert "kl" not in out  # beta == 0: no reference model, no KL logged
     # AdamW's default weight decay (0.01) would move every weight if a step had been taken
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not trainer.optimizer.state
+    assert not trainer.engine.optimizer.state
 
 
 @pytest.mark.parametrize(
@@ -331,7 +333,7 @@ def test_update_with_advantages(tiny, builder, adv):
 
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
     assert "model.embed_tokens.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed
-    assert len(trainer.optimizer.state) > 0
+    assert len(trainer.engine.optimizer.state) > 0
 
 
 def test_update_with_token_advantages(tiny, builder):

@@ -153,6 +153,9 @@ class TrainerConfig:
     num_threads: int = 0  # 0: torch's default
     eval_every: int = 0  # 0: only before and after RL
     save_checkpoint: bool = True
+    save_every: int = 0  # RL steps between resumable checkpoints (0: none)
+    keep_last: int = 2  # resumable checkpoints kept
+    resume: Optional[str] = None  # null | auto | <checkpoint or run dir>
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -285,6 +288,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.deepspeed.enabled, "deepspeed.enabled=true is not supported yet; use deepspeed=none"),
         (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
         (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
+        (cfg.trainer.save_every < 0, "trainer.save_every must be >= 0 (0: no resumable checkpoints)"),
+        (cfg.trainer.keep_last < 1, "trainer.keep_last must be >= 1"),
         ("abstention" in cfg.reward.weights and cfg.prompt.abstain_phrase is None,
          "reward.weights.abstention needs prompt.abstain_phrase (the answer that abstains), e.g. prompt=tags_abstain"),
         (cfg.data.unanswerable.train_fraction > 0 and cfg.prompt.abstain_phrase is None,

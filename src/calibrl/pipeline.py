@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from calibrl.data.sources import DataSplits
 from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, report_json, write_predictions
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
+from calibrl.checkpoint import CheckpointState, find_checkpoint, load_checkpoint, save_checkpoint
+from calibrl.rl.engine import TorchEngine
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_warmup
 from calibrl.sft_cache import load_sft_cache, save_sft_cache, sft_cache_dir
@@ -102,6 +105,41 @@ def _print_table(results: dict[str, dict[str, float]], name: str) -> None:
     Console(width=120).print(table)
 
 
+class _SignalFlag:
+    """Records that ``signum`` arrived instead of dying on it (installed in the main thread only;
+    elsewhere it never fires); :meth:`restore` puts the previous handler back."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.raised, self._old = signum, False, None
+        try:
+            self._old = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(self.signum, self._old)
+            self._old = None
+
+
+def _resume_state(resume: str | None, run_dir: Path) -> CheckpointState | None:
+    """The checkpoint ``trainer.resume`` names: ``None`` -> none; ``auto`` -> the newest one of
+    ``run_dir`` if any; a path -> that checkpoint or the newest one of that run dir.
+
+    Raises:
+        ConfigError: a path with no checkpoint in it.
+    """
+    if resume is None:
+        return None
+    found = find_checkpoint(run_dir if resume == "auto" else Path(resume).expanduser())
+    if found is None and resume != "auto":
+        raise ConfigError(f"trainer.resume={resume}: no checkpoint there (a checkpoints/step* dir or a run dir holding one)")
+    return load_checkpoint(found) if found is not None else None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     """Run the configured job in ``run_dir``.
 
@@ -115,6 +153,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     """
     validate(cfg)
     run_dir = Path(run_dir)
+    resume = _resume_state(cfg.trainer.resume, run_dir)
+    if resume is not None:
+        run_dir = resume.path.parent.parent  # continue in the checkpoint's run dir and metrics file
+        print(f"resuming from {resume.path} (RL step {resume.rl_step}, global step {resume.global_step})")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -139,10 +181,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     tracker = Tracker(
         run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,
         name=lg.name or f"{cfg.experiment_name}-{run_dir.name}", tags=list(lg.tags) or [cfg.experiment_name],
-        job_type=lg.job_type,
+        job_type=lg.job_type, resume_records=resume.records if resume else None,
+        run_id=resume.wandb_id if resume else None,
     )
-    results: dict[str, dict[str, float]] = {}
-    step = 0
+    results: dict[str, dict[str, float]] = dict(resume.results) if resume else {}
+    step = resume.global_step if resume else 0
 
     def run_eval(stage: str) -> None:
         with tqdm(total=len(splits.eval), desc=f"eval [{stage}]", unit="question", leave=False) as bar:
@@ -156,59 +199,78 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         tracker.log({f"eval/{splits.name}/{k}": v for k, v in results[stage].items()}, step=step)
 
     exit_code = 1
+    preempted = _SignalFlag(signal.SIGTERM)
     try:
-        if cfg.eval.raw_model:
-            run_eval("raw")
-        sft_cfg = cfg.trainer.sft
-        cache_at = sft_cache_dir(cfg) if sft_cfg.enabled and sft_cfg.cache else None
-        cached = load_sft_cache(cache_at) if cache_at is not None else None
-        if cached is not None:
-            log.info("SFT warm-up and its eval loaded from the cache %s", cached.path)
-            print(f"SFT warm-up: loaded from the cache {cached.path}")
-            model = _load_checkpoint(cached.path / "checkpoint", cfg.model.trust_remote_code)
-            for record in cached.records:
-                tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-            step = cached.last_step
-            cached.copy_eval_files(run_dir)
-            results["sft"] = cached.eval_scalars
-            tracker.log({f"eval/{splits.name}/{k}": v for k, v in cached.eval_scalars.items()}, step=step)
-            cached.restore_rng()  # the RL trajectory then equals that of a run that did the warm-up
-        else:
-            records: list[dict[str, float]] = []
-            if sft_cfg.enabled:
-                ss = _settings(
-                    SFTSettings, sft_cfg, cfg.trainer,
-                    confidence_policy=sft_cfg.confidence.policy,
-                    confidence_kwargs={k: v for k, v in sft_cfg.confidence.items() if k != "policy"},
-                    seed=cfg.seed,
-                )
-                total = num_sft_steps(len(splits.train), ss)
-                opt = _optimizer(model, sft_cfg.lr, cfg.trainer.weight_decay)
-                sched = _scheduler("linear", opt, math.ceil(sft_cfg.warmup_ratio * total), total)
-                with tqdm(total=total, desc="SFT warm-up", unit="step") as bar:
+        if resume is None:
+            if cfg.eval.raw_model:
+                run_eval("raw")
+            sft_cfg = cfg.trainer.sft
+            cache_at = sft_cache_dir(cfg) if sft_cfg.enabled and sft_cfg.cache else None
+            cached = load_sft_cache(cache_at) if cache_at is not None else None
+            if cached is not None:
+                log.info("SFT warm-up and its eval loaded from the cache %s", cached.path)
+                print(f"SFT warm-up: loaded from the cache {cached.path}")
+                model = _load_checkpoint(cached.path / "checkpoint", cfg.model.trust_remote_code)
+                for record in cached.records:
+                    tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                step = cached.last_step
+                cached.copy_eval_files(run_dir)
+                results["sft"] = cached.eval_scalars
+                tracker.log({f"eval/{splits.name}/{k}": v for k, v in cached.eval_scalars.items()}, step=step)
+                cached.restore_rng()  # the RL trajectory then equals that of a run that did the warm-up
+            else:
+                records: list[dict[str, float]] = []
+                if sft_cfg.enabled:
+                    ss = _settings(
+                        SFTSettings, sft_cfg, cfg.trainer,
+                        confidence_policy=sft_cfg.confidence.policy,
+                        confidence_kwargs={k: v for k, v in sft_cfg.confidence.items() if k != "policy"},
+                        seed=cfg.seed,
+                    )
+                    total = num_sft_steps(len(splits.train), ss)
+                    opt = _optimizer(model, sft_cfg.lr, cfg.trainer.weight_decay)
+                    sched = _scheduler("linear", opt, math.ceil(sft_cfg.warmup_ratio * total), total)
+                    with tqdm(total=total, desc="SFT warm-up", unit="step") as bar:
 
-                    def on_sft_step(i: int, metrics: dict[str, float]) -> None:
-                        tracker.log(metrics, step=i)
-                        records.append({"step": i, **metrics})
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
+                        def on_sft_step(i: int, metrics: dict[str, float]) -> None:
+                            tracker.log(metrics, step=i)
+                            records.append({"step": i, **metrics})
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
 
-                    step = sft_warmup(model, tokenizer, prompts, splits.train, ss, opt, sched, on_sft_step)
-                del opt, sched
-            run_eval("sft" if sft_cfg.enabled else "start")
-            if cache_at is not None:
-                save_sft_cache(cache_at, model, tokenizer, records, results["sft"], run_dir)
+                        step = sft_warmup(model, tokenizer, prompts, splits.train, ss, opt, sched, on_sft_step)
+                    del opt, sched
+                run_eval("sft" if sft_cfg.enabled else "start")
+                if cache_at is not None:
+                    save_sft_cache(cache_at, model, tokenizer, records, results["sft"], run_dir)
 
         a, t = cfg.algo, cfg.trainer
         settings = _settings(GRPOSettings, a, t, cfg.objective)
-        reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
         opt = _optimizer(model, t.lr, t.weight_decay)
+        engine = TorchEngine(model, opt, _scheduler(t.lr_scheduler, opt, t.warmup_steps, t.max_steps), t.max_grad_norm)
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
         trainer = GRPOTrainer(
-            model, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, opt,
-            _scheduler(t.lr_scheduler, opt, t.warmup_steps, t.max_steps), reference, seed=cfg.seed,
+            engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, reference, seed=cfg.seed,
         )
-        with tqdm(total=t.max_steps, desc="RL", unit="step") as bar:
-            for i in range(1, t.max_steps + 1):
+        first = 1
+        if resume is not None:
+            engine.load(resume.path)
+            if reference is not None:
+                reference.load_state_dict(torch.load(resume.path / "reference.pt", weights_only=True))
+            trainer.load_state_dict(resume.trainer)
+            resume.restore_rng()  # last: the run continues exactly where the saved one was
+            first = resume.rl_step + 1
+
+        def checkpoint(i: int) -> None:
+            at = save_checkpoint(
+                run_dir, engine, global_step=step, rl_step=i, trainer_state=trainer.state_dict(),
+                wandb_id=tracker.run_id, records=tracker.records, results=results, keep_last=t.keep_last,
+                reference=reference,
+            )
+            log.info("checkpoint at RL step %d: %s", i, at)
+
+        with tqdm(total=t.max_steps, initial=first - 1, desc="RL", unit="step") as bar:
+            for i in range(first, t.max_steps + 1):
                 metrics = trainer.step()
                 step += 1
                 tracker.log(metrics | {"train/rl_step": i}, step=step)
@@ -219,6 +281,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
                 )
                 if t.eval_every and i % t.eval_every == 0 and i < t.max_steps:
                     run_eval(f"step{i}")
+                if (t.save_every and i % t.save_every == 0) or preempted.raised:
+                    checkpoint(i)
+                if preempted.raised:
+                    print(f"SIGTERM: checkpoint saved at RL step {i}; resume with trainer.resume={run_dir}")
+                    exit_code = 128 + signal.SIGTERM
+                    raise SystemExit(exit_code)
         run_eval("final")
         if t.save_checkpoint:
             model.save_pretrained(run_dir / "checkpoint")
@@ -226,6 +294,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         tracker.summary({f"final/{k}": v for k, v in results["final"].items()})
         exit_code = 0
     finally:
+        preempted.restore()
         wandb_dir = tracker.wandb_dir
         tracker.close(exit_code)
         (run_dir / "summary.json").write_text(json.dumps(results, indent=2))

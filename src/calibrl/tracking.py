@@ -31,6 +31,13 @@ class Tracker:
         config: resolved config as a plain dict (no interpolations left).
         mode: W&B mode: ``offline`` | ``online`` | ``disabled``.
         project, entity, group, name, tags, job_type: W&B run fields.
+        resume_records: continue a run whose checkpoint was taken when ``metrics.jsonl`` held this
+            many records: the records after them (logged after the checkpoint by the run that
+            died, and a torn last line) are dropped, so every step is in the file exactly once.
+        run_id: W&B run id to continue (``resume="allow"``). Online, the run continues; offline,
+            W&B cannot resume (wandb/wandb#2423): a second offline directory with the same id is
+            written, to sync after the first with ``wandb sync --id <id> --append``; the metrics
+            file is the complete record either way.
 
     Raises:
         ValueError: unknown ``mode``.
@@ -47,14 +54,21 @@ class Tracker:
         name: str | None = None,
         tags: list[str] | None = None,
         job_type: str | None = None,
+        resume_records: int | None = None,
+        run_id: str | None = None,
     ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"unknown logger.mode {mode!r}; valid choices: disabled, offline, online")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._file = self.metrics_path.open("a")
         self._last_step = -1
+        self.records = 0  # records in the metrics file
+        if resume_records is not None:
+            self._truncate(resume_records)
+        elif self.metrics_path.is_file():  # appending to an earlier file: count what is there
+            self.records = len(self.metrics_path.read_text().splitlines())
+        self._file = self.metrics_path.open("a")
         self.wandb_run = None
         if mode != "disabled":
             import wandb
@@ -69,8 +83,35 @@ class Tracker:
                 mode=mode,
                 dir=str(self.run_dir),
                 config=config,
+                id=run_id,
+                resume="allow" if run_id else None,
                 settings=wandb.Settings(quiet=True, console="off"),
             )
+
+    def _truncate(self, n: int) -> None:
+        """Keep the first ``n`` records of the metrics file (atomic rewrite).
+
+        Raises:
+            ValueError: the file holds fewer than ``n`` complete records (it is not the file the
+                checkpoint was taken with).
+        """
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []
+        kept = lines[:n]
+        try:
+            steps = [json.loads(line)["step"] for line in kept]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{self.metrics_path}: record unreadable before the checkpoint's {n}: {err}") from err
+        if len(kept) < n:
+            raise ValueError(f"{self.metrics_path} holds {len(kept)} records, the checkpoint expects {n}")
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
+        self.records, self._last_step = n, max(steps, default=-1)
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (``None`` without W&B)."""
+        return self.wandb_run.id if self.wandb_run is not None else None
 
     @property
     def wandb_dir(self) -> str | None:
@@ -87,6 +128,7 @@ class Tracker:
             raise ValueError(f"step {step} logged after step {self._last_step}; steps must not decrease")
         self._last_step = step
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.records += 1
         self._file.flush()
         os.fsync(self._file.fileno())
         if self.wandb_run is not None:

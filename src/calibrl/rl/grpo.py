@@ -56,6 +56,7 @@ from calibrl.data.sources import Example
 from calibrl.metrics import abstention_metrics, calibration_summary
 from calibrl.objectives import COMBINERS, segment_ids
 from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, reward_metrics
+from calibrl.rl.engine import Engine
 from calibrl.rl.loss import clipped_policy_loss
 from calibrl.rl.rollout import Rollout, completion_logprobs, generate_rollout
 from calibrl.scoring import score_completions
@@ -84,7 +85,6 @@ class GRPOSettings:
             (arXiv:2503.14476), without refilling the batch; their share is logged either way.
         ppo_epochs: optimizer steps per rollout batch.
         micro_batch_size: completions per forward/backward.
-        max_grad_norm: gradient clipping threshold (L2).
         bf16: bf16 autocast for generation, forward and backward.
     """
 
@@ -103,7 +103,6 @@ class GRPOSettings:
     drop_zero_adv_groups: bool = False
     ppo_epochs: int = 1
     micro_batch_size: int = 32
-    max_grad_norm: float = 1.0
     bf16: bool = True
 
 
@@ -140,15 +139,14 @@ class GRPOTrainer:
     """One-process GRPO trainer (see module docstring for the algorithm).
 
     Args:
-        policy: causal LM being trained.
-        tokenizer: its tokenizer (left padding).
+        engine: update engine (:mod:`calibrl.rl.engine`); ``engine.module`` is the policy (a
+            causal LM) and its ``step`` clips to ``trainer.max_grad_norm``.
+        tokenizer: the policy's tokenizer (left padding).
         prompts: builds chat prompts and knows the completion format.
         train_examples: prompts to train on.
         is_correct: verifier verdict ``(answer, example) -> bool``.
         reward_fn: weighted reward components.
         settings: :class:`GRPOSettings`.
-        optimizer: optimizer over ``policy``'s parameters.
-        scheduler: LR scheduler stepped once per optimizer step (or ``None``).
         reference: frozen reference model, required when ``settings.beta > 0``.
         seed: seed of the prompt stream.
 
@@ -158,15 +156,13 @@ class GRPOTrainer:
 
     def __init__(
         self,
-        policy: Any,
+        engine: Engine,
         tokenizer: Any,
         prompts: PromptBuilder,
         train_examples: Sequence[Example],
         is_correct: Callable[[str | None, Example], bool],
         reward_fn: RewardFunction,
         settings: GRPOSettings,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any = None,
         reference: Any = None,
         seed: int = 0,
     ) -> None:
@@ -174,29 +170,44 @@ class GRPOTrainer:
             raise ValueError(f"algo.group_size must be >= 2, got {settings.group_size}")
         if settings.beta > 0 and reference is None:
             raise ValueError("algo.beta > 0 needs a reference model")
-        self.policy, self.tokenizer, self.prompts = policy, tokenizer, prompts
-        self.is_correct, self.reward_fn, self.s = is_correct, reward_fn, settings
-        self.optimizer, self.scheduler, self.reference = optimizer, scheduler, reference
+        self.engine, self.policy, self.tokenizer, self.prompts = engine, engine.module, tokenizer, prompts
+        self.is_correct, self.reward_fn, self.s, self.reference = is_correct, reward_fn, settings, reference
+        self.train_examples, self.seed = train_examples, seed
         self.stream = example_stream(train_examples, seed)
+        self.consumed = 0  # examples taken from the stream: the data position of a checkpoint
         self.skipped_steps = 0
         self.autocast_dtype = torch.bfloat16 if settings.bf16 else None
+
+    def state_dict(self) -> dict[str, int]:
+        """The trainer's own resumable state (the engine saves the model and optimizer):
+        ``{"consumed": examples drawn, "skipped_steps": ...}``."""
+        return {"consumed": self.consumed, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore :meth:`state_dict`: the prompt stream is rebuilt from its seed and advanced
+        past the ``consumed`` examples, so the next step sees the prompts it would have seen."""
+        self.stream = example_stream(self.train_examples, self.seed)
+        for _ in range(state["consumed"]):
+            next(self.stream)
+        self.consumed, self.skipped_steps = state["consumed"], state["skipped_steps"]
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.bf16)
 
     def generate(self, examples: list[Example]) -> Rollout:
         """Sample G completions for each example (step 2)."""
-        return generate_rollout(
-            self.policy,
-            self.tokenizer,
-            [self.prompts.prompt(e) for e in examples],
-            self.s.group_size,
-            max_new_tokens=self.s.max_new_tokens,
-            temperature=self.s.temperature,
-            top_p=self.s.top_p,
-            stop_string=f"</{self.prompts.fmt.confidence}>",
-            autocast_dtype=self.autocast_dtype,
-        )
+        with self.engine.generation():
+            return generate_rollout(
+                self.policy,
+                self.tokenizer,
+                [self.prompts.prompt(e) for e in examples],
+                self.s.group_size,
+                max_new_tokens=self.s.max_new_tokens,
+                temperature=self.s.temperature,
+                top_p=self.s.top_p,
+                stop_string=f"</{self.prompts.fmt.confidence}>",
+                autocast_dtype=self.autocast_dtype,
+            )
 
     def score(self, rollout: Rollout, examples: list[Example]):
         """Parse, verify and reward every completion (step 3).
@@ -263,7 +274,7 @@ class GRPOTrainer:
             ref = [self._logprobs(self.reference, sub.select(c), grad=False) for c in chunks]
         self.policy.train()
         for _ in range(s.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.engine.zero_grad()
             loss_sum = clipped = kl_sum = 0.0
             for k, c in enumerate(chunks):
                 mb = sub.select(c)
@@ -282,18 +293,13 @@ class GRPOTrainer:
                     beta=s.beta,
                     ref_logp=ref[k] if ref is not None else None,
                 )
-                res.loss.backward()
+                self.engine.backward(res.loss)
                 loss_sum += float(res.loss.detach())
                 clipped += float(res.clipped_tokens)
                 kl_sum += float(res.kl_sum)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm))
+            grad_norm = self.engine.step()
             if not math.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_steps += 1
-                continue
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
         out.update(loss=loss_sum, clip_fraction=clipped / n_tokens, grad_norm=grad_norm)
         if s.beta > 0:
             out["kl"] = kl_sum / n_tokens
@@ -303,6 +309,7 @@ class GRPOTrainer:
         """One RL step; returns the metrics to log (see ``train/``, ``rewards/``, ``perf/``)."""
         t0 = time.perf_counter()
         examples = [next(self.stream) for _ in range(self.s.prompts_per_step)]
+        self.consumed += len(examples)
         rollout = self.generate(examples)
         t1 = time.perf_counter()
         parsed, rewards = self.score(rollout, examples)
@@ -327,7 +334,7 @@ class GRPOTrainer:
             # per completion token
             "train/advantage_abs_mean": float(advantages.abs().sum() / rollout.completion_mask.sum().clamp_min(1)),
             "train/skipped_steps": float(self.skipped_steps),
-            "train/lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train/lr": self.engine.lr(),
             "perf/generate_s": t1 - t0,
             "perf/score_s": t2 - t1,
             "perf/update_s": t3 - t2,
