@@ -1,0 +1,79 @@
+"""Process ranks, read from the environment that ``torchrun``, ``deepspeed`` or ``accelerate launch``
+set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), and the few collectives calibrl needs.
+
+One process (no such variables) is rank 0 of 1 and every helper here is then a no-op, so the
+single-process path never touches ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "broadcast_object", "dist_info", "gather_objects", "init_distributed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits.
+
+    Attributes:
+        rank: global rank in [0, world_size).
+        world_size: number of processes (>= 1).
+        local_rank: rank within the node.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the process that logs and writes run files."""
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Ranks from ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (absent: one process).
+
+    Raises:
+        ValueError: inconsistent values (rank outside [0, world_size)).
+    """
+    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
+        raise ValueError(f"RANK={info.rank} is not in [0, WORLD_SIZE={info.world_size})")
+    return info
+
+
+def init_distributed(backend: str = "gloo") -> DistInfo:
+    """Join the process group when launched with several processes (idempotent).
+
+    On CPU the backend is ``gloo`` (``DS_ACCELERATOR=cpu`` for DeepSpeed); ``nccl`` on GPUs. The
+    rendezvous comes from ``MASTER_ADDR`` / ``MASTER_PORT``, which every launcher sets.
+    """
+    info = dist_info()
+    if info.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    return info
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable; e.g. the run directory rank 0 chose)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` with one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
