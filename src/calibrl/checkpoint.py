@@ -3,9 +3,10 @@
 Layout, under the run directory::
 
     checkpoints/step00000042/      # global step 42, complete
-        model.pt optimizer.pt scheduler.pt   (the engine's files, calibrl.rl.engine)
+        model.pt optimizer.pt scheduler.pt   (the engine's files, calibrl.rl.engine; deepspeed/
+                                              with DeepSpeed: model, optimizer shards, scheduler)
         reference.pt                         (the frozen reference model, when algo.beta > 0)
-        rng.pt                               (python, numpy and torch RNG states)
+        rng_rank<r>.pt                       (python, numpy and torch RNG states of rank r)
         state.json                           (global step, RL step, trainer state, W&B run id,
                                               metrics-file records so far, eval results so far)
     checkpoints/.tmp-step00000044/ # a save in progress: never read
@@ -14,6 +15,10 @@ A checkpoint is written into a ``.tmp-*`` directory and renamed into place only 
 is written and flushed; a rename within one file system is atomic, so a crash during a save leaves
 at worst a ``.tmp-*`` directory, never a ``step*`` directory that looks complete. After a save,
 all but the newest ``keep_last`` checkpoints are deleted.
+
+With several processes every rank calls :func:`save_checkpoint` (the DeepSpeed save is
+collective and each rank writes its RNG state); rank 0 writes the rest and renames, between
+barriers. The run directory must be on a file system every rank sees.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrl.distributed import barrier, dist_info
 from calibrl.rl.engine import Engine
 
 __all__ = ["CheckpointState", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -60,7 +66,7 @@ class CheckpointState:
 
     def restore_rng(self) -> None:
         """Set the python, numpy and torch RNGs to their state at the save."""
-        rng = torch.load(self.path / "rng.pt", weights_only=False)  # our own file: numpy state inside
+        rng = torch.load(self.path / f"rng_rank{dist_info().rank}.pt", weights_only=False)  # numpy state inside
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -97,22 +103,35 @@ def save_checkpoint(
     """
     if keep_last < 1:
         raise ValueError(f"trainer.keep_last must be >= 1, got {keep_last}")
+    main = dist_info().is_main
     root = Path(run_dir) / "checkpoints"
     final = root / f"{_PREFIX}{global_step:08d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
     engine.save(tmp)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               tmp / f"rng_rank{dist_info().rank}.pt")
+    barrier()
+    if main:
+        _finish(tmp, final, root, keep_last, reference, {
+            "global_step": global_step, "rl_step": rl_step, "trainer": trainer_state, "wandb_id": wandb_id,
+            "records": records, "results": results})
+    barrier()
+    return final
+
+
+def _finish(tmp: Path, final: Path, root: Path, keep_last: int, reference: Any, state: dict[str, Any]) -> None:
+    """Rank 0: reference weights and state.json, flush, rename into place, prune."""
     if reference is not None:
         torch.save(reference.state_dict(), tmp / "reference.pt")
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-               tmp / "rng.pt")
-    state = {"global_step": global_step, "rl_step": rl_step, "trainer": trainer_state, "wandb_id": wandb_id,
-             "records": records, "results": results}
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if final.exists():  # the same step saved twice (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)
@@ -120,7 +139,6 @@ def save_checkpoint(
     _fsync_dir(root)
     for old in _complete(root)[:-keep_last]:
         shutil.rmtree(old)
-    return final
 
 
 def _complete(root: Path) -> list[Path]:

@@ -180,6 +180,10 @@ class EvalConfig:
 @dataclass
 class DeepSpeedConfig:
     enabled: bool = False
+    stage: int = 0  # ZeRO stage (calibrl.rl.deepspeed_engine)
+    offload: bool = False  # stage 3: parameters and optimizer state in CPU memory
+    fp16: bool = False  # refused: bf16 autocast is trainer.bf16
+    backend: str = "gloo"  # process-group backend with several processes (nccl on GPUs)
 
 
 @dataclass
@@ -276,6 +280,12 @@ def validate(cfg: DictConfig) -> None:
             VERIFIERS.get(cfg.data.verifier)
         CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
         EvalSettings.from_config(cfg.eval)
+        if cfg.deepspeed.enabled:
+            from calibrl.rl.deepspeed_engine import deepspeed_config
+
+            deepspeed_config(stage=cfg.deepspeed.stage, offload=cfg.deepspeed.offload, fp16=cfg.deepspeed.fp16,
+                             micro_batch_size=cfg.trainer.micro_batch_size, accumulation_steps=1,
+                             max_grad_norm=cfg.trainer.max_grad_norm)
     except (KeyError, ValueError) as err:
         raise ConfigError(err.args[0]) from err
     checks = [
@@ -285,7 +295,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.logger.mode not in ("offline", "online", "disabled"),
          f"unknown logger.mode {cfg.logger.mode!r}; valid choices: disabled, offline, online"),
         (cfg.algo.name != "grpo", f"unknown algo.name {cfg.algo.name!r}; valid choices: grpo"),
-        (cfg.deepspeed.enabled, "deepspeed.enabled=true is not supported yet; use deepspeed=none"),
+        (cfg.deepspeed.enabled and cfg.deepspeed.stage == 3,
+         "deepspeed stage 3 (zero3, zero3_offload): RL generation under ZeRO-3 is not supported yet; use deepspeed=zero2"),
         (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
         (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
         (cfg.trainer.save_every < 0, "trainer.save_every must be >= 0 (0: no resumable checkpoints)"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "broadcast_object", "dist_info", "gather_objects", "init_distributed"]
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "dist_info", "gather_objects", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,20 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64); ``values`` itself with one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op with one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

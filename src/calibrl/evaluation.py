@@ -54,6 +54,7 @@ import torch
 from calibrl.confidence_signals import SIGNALS, confidence_signals
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
+from calibrl.distributed import DistInfo, gather_objects
 from calibrl.metrics import abstention_metrics, bootstrap_ci, metric_report, scalar_metrics
 from calibrl.metrics.voting import VOTING_METHODS, aggregate
 from calibrl.rewards import RewardFunction
@@ -344,6 +345,7 @@ def evaluate(
     dataset: str,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
+    dist: DistInfo = DistInfo(),
 ) -> EvalResult:
     """Evaluate ``model`` on ``examples`` with ``settings.n_samples`` completions each.
 
@@ -356,6 +358,9 @@ def evaluate(
         dataset: name used in the report and in the prediction rows.
         autocast_dtype: e.g. ``torch.bfloat16`` for CPU autocast (as in training), or ``None``.
         progress: called with the number of questions finished after each batch.
+        dist: with several processes each rank generates for ``examples[rank::world_size]`` and
+            the rows are gathered (in question order) before the report, which every rank
+            computes; identical to one process with greedy decoding (sampling draws differ).
 
     Returns:
         An :class:`EvalResult` with ``Q * n_samples`` prediction rows.
@@ -368,8 +373,11 @@ def evaluate(
     check_slice_fields(examples, settings.slice_by, dataset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        rows = _generate(model, tokenizer, prompts, examples, is_correct, reward_fn, settings, dataset,
-                         autocast_dtype, progress)
+        rows = _generate(model, tokenizer, prompts, examples[dist.rank :: dist.world_size], is_correct, reward_fn,
+                         settings, dataset, autocast_dtype, progress)
+    if dist.world_size > 1:
+        order = {e.id: i for i, e in enumerate(examples)}
+        rows = sorted((r for part in gather_objects(rows) for r in part), key=lambda r: (order[r["id"]], r["sample"]))
     abstention = prompts.fmt.abstain is not None or any(e.unanswerable for e in examples)
     return EvalResult(dataset, rows, _summarize(rows, settings, dataset, abstention))
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from calibrl.config import ConfigError, completion_format, validate
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.data.sources import DataSplits
+from calibrl.distributed import all_reduce_sum, broadcast_object, init_distributed
 from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, report_json, write_predictions
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
@@ -152,17 +153,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             cannot be built (unknown task, unreadable file, missing field; before the model loads).
     """
     validate(cfg)
-    run_dir = Path(run_dir)
+    info = init_distributed(cfg.deepspeed.backend)
+    if info.world_size > 1 and not cfg.deepspeed.enabled:
+        raise ConfigError(f"{info.world_size} processes need a DeepSpeed preset (deepspeed=zero1 or zero2)")
+    if cfg.algo.prompts_per_step % info.world_size:
+        raise ConfigError(
+            f"algo.prompts_per_step={cfg.algo.prompts_per_step} must be a multiple of the {info.world_size} processes"
+        )
+    run_dir = broadcast_object(Path(run_dir))  # rank 0's: every rank shares one run directory
     resume = _resume_state(cfg.trainer.resume, run_dir)
     if resume is not None:
         run_dir = resume.path.parent.parent  # continue in the checkpoint's run dir and metrics file
         print(f"resuming from {resume.path} (RL step {resume.rl_step}, global step {resume.global_step})")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     _seed_everything(cfg.seed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if info.is_main:
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     eval_settings = EvalSettings.from_config(cfg.eval)
     try:
@@ -182,7 +192,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,
         name=lg.name or f"{cfg.experiment_name}-{run_dir.name}", tags=list(lg.tags) or [cfg.experiment_name],
         job_type=lg.job_type, resume_records=resume.records if resume else None,
-        run_id=resume.wandb_id if resume else None,
+        run_id=resume.wandb_id if resume else None, writer=info.is_main,
     )
     results: dict[str, dict[str, float]] = dict(resume.results) if resume else {}
     step = resume.global_step if resume else 0
@@ -191,10 +201,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         with tqdm(total=len(splits.eval), desc=f"eval [{stage}]", unit="question", leave=False) as bar:
             result = evaluate(
                 model, tokenizer, prompts, splits.eval, splits.is_correct, reward_fn, eval_settings,
-                dataset=splits.name, autocast_dtype=autocast, progress=bar.update,
+                dataset=splits.name, autocast_dtype=autocast, progress=bar.update, dist=info,
             )
-        write_predictions(result, run_dir / f"eval_{stage}.jsonl")
-        (run_dir / f"eval_{stage}.json").write_text(report_json(result.report))
+        if info.is_main:
+            write_predictions(result, run_dir / f"eval_{stage}.jsonl")
+            (run_dir / f"eval_{stage}.json").write_text(report_json(result.report))
         results[stage] = result.scalars()
         tracker.log({f"eval/{splits.name}/{k}": v for k, v in results[stage].items()}, step=step)
 
@@ -214,7 +225,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
                 for record in cached.records:
                     tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
                 step = cached.last_step
-                cached.copy_eval_files(run_dir)
+                if info.is_main:
+                    cached.copy_eval_files(run_dir)
                 results["sft"] = cached.eval_scalars
                 tracker.log({f"eval/{splits.name}/{k}": v for k, v in cached.eval_scalars.items()}, step=step)
                 cached.restore_rng()  # the RL trajectory then equals that of a run that did the warm-up
@@ -241,17 +253,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
                         step = sft_warmup(model, tokenizer, prompts, splits.train, ss, opt, sched, on_sft_step)
                     del opt, sched
                 run_eval("sft" if sft_cfg.enabled else "start")
-                if cache_at is not None:
+                if cache_at is not None and info.is_main:
                     save_sft_cache(cache_at, model, tokenizer, records, results["sft"], run_dir)
 
         a, t = cfg.algo, cfg.trainer
         settings = _settings(GRPOSettings, a, t, cfg.objective)
-        opt = _optimizer(model, t.lr, t.weight_decay)
-        engine = TorchEngine(model, opt, _scheduler(t.lr_scheduler, opt, t.warmup_steps, t.max_steps), t.max_grad_norm)
         reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+        opt = _optimizer(model, t.lr, t.weight_decay)
+        sched = _scheduler(t.lr_scheduler, opt, t.warmup_steps, t.max_steps)
+        if cfg.deepspeed.enabled:
+            from calibrl.rl.deepspeed_engine import DeepSpeedEngine, deepspeed_config
+
+            rows = a.prompts_per_step // info.world_size * a.group_size  # completions per rank and step
+            ds = cfg.deepspeed
+            engine = DeepSpeedEngine(model, opt, sched, deepspeed_config(
+                stage=ds.stage, offload=ds.offload, fp16=ds.fp16, micro_batch_size=t.micro_batch_size,
+                accumulation_steps=math.ceil(rows / t.micro_batch_size), max_grad_norm=t.max_grad_norm,
+            ))
+        else:
+            engine = TorchEngine(model, opt, sched, t.max_grad_norm)
         trainer = GRPOTrainer(
             engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, reference, seed=cfg.seed,
+            dist=info,
         )
+        if info.world_size > 1 and resume is None:
+            # The warm-up is replicated on every rank (same seed, same weights); from here each
+            # rank samples rollouts for its own prompts and needs its own random stream.
+            torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
         first = 1
         if resume is not None:
             engine.load(resume.path)
@@ -281,14 +309,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
                 )
                 if t.eval_every and i % t.eval_every == 0 and i < t.max_steps:
                     run_eval(f"step{i}")
-                if (t.save_every and i % t.save_every == 0) or preempted.raised:
+                stop = all_reduce_sum([float(preempted.raised)])[0] > 0  # a signal to any rank stops all
+                if (t.save_every and i % t.save_every == 0) or stop:
                     checkpoint(i)
-                if preempted.raised:
+                if stop:
                     print(f"SIGTERM: checkpoint saved at RL step {i}; resume with trainer.resume={run_dir}")
                     exit_code = 128 + signal.SIGTERM
                     raise SystemExit(exit_code)
         run_eval("final")
-        if t.save_checkpoint:
+        if t.save_checkpoint and info.is_main:
             model.save_pretrained(run_dir / "checkpoint")
             tokenizer.save_pretrained(run_dir / "checkpoint")
         tracker.summary({f"final/{k}": v for k, v in results["final"].items()})
@@ -297,7 +326,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         preempted.restore()
         wandb_dir = tracker.wandb_dir
         tracker.close(exit_code)
-        (run_dir / "summary.json").write_text(json.dumps(results, indent=2))
+        if info.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(results, indent=2))
+    if not info.is_main:
+        return results
 
     _print_table({s: r for s, r in results.items() if not s.startswith("step")}, splits.name)
     print(f"run directory : {run_dir}")

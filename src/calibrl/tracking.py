@@ -38,6 +38,8 @@ class Tracker:
             W&B cannot resume (wandb/wandb#2423): a second offline directory with the same id is
             written, to sync after the first with ``wandb sync --id <id> --append``; the metrics
             file is the complete record either way.
+        writer: this process writes (global rank 0). Other ranks pass ``False``: no metrics file,
+            no W&B run; their ``log`` calls only check the step order.
 
     Raises:
         ValueError: unknown ``mode``.
@@ -56,20 +58,24 @@ class Tracker:
         job_type: str | None = None,
         resume_records: int | None = None,
         run_id: str | None = None,
+        writer: bool = True,
     ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"unknown logger.mode {mode!r}; valid choices: disabled, offline, online")
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._last_step = -1
         self.records = 0  # records in the metrics file
+        self.wandb_run = None
+        self._file = None
+        if not writer:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_records is not None:
             self._truncate(resume_records)
         elif self.metrics_path.is_file():  # appending to an earlier file: count what is there
             self.records = len(self.metrics_path.read_text().splitlines())
         self._file = self.metrics_path.open("a")
-        self.wandb_run = None
         if mode != "disabled":
             import wandb
 
@@ -127,6 +133,8 @@ class Tracker:
         if step < self._last_step:
             raise ValueError(f"step {step} logged after step {self._last_step}; steps must not decrease")
         self._last_step = step
+        if self._file is None:
+            return
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.records += 1
         self._file.flush()
@@ -158,7 +166,7 @@ class Tracker:
 
     def close(self, exit_code: int = 0) -> None:
         """Close the metrics file and finish the W&B run (safe to call twice)."""
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)

@@ -91,6 +91,8 @@ class DeepSpeedEngine:
         config: from :func:`deepspeed_config`.
     """
 
+    collective = True
+
     def __init__(self, module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, config: dict[str, Any]) -> None:
         import deepspeed
 

@@ -5,6 +5,8 @@ one process (:class:`TorchEngine`) or under DeepSpeed ZeRO (``calibrl.rl.deepspe
 The protocol (:class:`Engine`):
 
 - ``module``: the model to call for log-probs and generation.
+- ``collective``: every rank must run the same micro-batches (DeepSpeed: each forward/backward
+  takes part in collectives, and its accumulation count is fixed), so the loop may not skip rows.
 - ``backward(loss)``: accumulate gradients of one micro-batch; the loss is already normalised
   over the whole step (no extra division by the number of micro-batches).
 - ``step() -> grad_norm``: clip the accumulated gradient to ``max_grad_norm``, take one optimizer
@@ -34,6 +36,7 @@ class Engine(Protocol):
     """The update-engine protocol (module docstring)."""
 
     module: Any
+    collective: bool
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
@@ -62,6 +65,8 @@ class TorchEngine:
     Raises:
         ValueError: ``max_grad_norm <= 0``.
     """
+
+    collective = False
 
     def __init__(self, module: Any, optimizer: torch.optim.Optimizer, scheduler: Any = None, max_grad_norm: float = 1.0) -> None:
         if not max_grad_norm > 0:

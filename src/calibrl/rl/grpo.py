@@ -53,6 +53,7 @@ import torch
 
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
+from calibrl.distributed import DistInfo, all_reduce_sum, gather_objects
 from calibrl.metrics import abstention_metrics, calibration_summary
 from calibrl.objectives import COMBINERS, segment_ids
 from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, reward_metrics
@@ -148,10 +149,15 @@ class GRPOTrainer:
         reward_fn: weighted reward components.
         settings: :class:`GRPOSettings`.
         reference: frozen reference model, required when ``settings.beta > 0``.
-        seed: seed of the prompt stream.
+        seed: seed of the prompt stream (the same on every rank).
+        dist: this process's rank; with W processes each step's ``prompts_per_step`` prompts are
+            split into W equal shares of whole prompts (a group never spans ranks, so group
+            baselines need no communication), loss normalisers are global and metrics are
+            computed on the gathered batch.
 
     Raises:
-        ValueError: ``beta > 0`` without a reference model, or ``group_size < 2``.
+        ValueError: ``beta > 0`` without a reference model, ``group_size < 2``, or
+            ``prompts_per_step`` not a multiple of the world size.
     """
 
     def __init__(
@@ -165,14 +171,20 @@ class GRPOTrainer:
         settings: GRPOSettings,
         reference: Any = None,
         seed: int = 0,
+        dist: DistInfo = DistInfo(),
     ) -> None:
         if settings.group_size < 2:
             raise ValueError(f"algo.group_size must be >= 2, got {settings.group_size}")
+        if settings.prompts_per_step % dist.world_size:
+            raise ValueError(
+                f"algo.prompts_per_step={settings.prompts_per_step} must be a multiple of the {dist.world_size} "
+                "processes (each rank takes whole prompts)"
+            )
         if settings.beta > 0 and reference is None:
             raise ValueError("algo.beta > 0 needs a reference model")
         self.engine, self.policy, self.tokenizer, self.prompts = engine, engine.module, tokenizer, prompts
         self.is_correct, self.reward_fn, self.s, self.reference = is_correct, reward_fn, settings, reference
-        self.train_examples, self.seed = train_examples, seed
+        self.train_examples, self.seed, self.dist = train_examples, seed, dist
         self.stream = example_stream(train_examples, seed)
         self.consumed = 0  # examples taken from the stream: the data position of a checkpoint
         self.skipped_steps = 0
@@ -258,9 +270,14 @@ class GRPOTrainer:
         counted = torch.ones(len(rollout), dtype=torch.bool)
         if s.drop_zero_adv_groups:  # rows of groups with some non-zero advantage
             counted = _live_groups(advantages, rollout.group_index)[rollout.group_index]
-        n_tokens = float(mask[counted].sum().clamp_min(1))
-        n_seqs = float(max(int(counted.sum()), 1))
-        active = torch.arange(len(rollout)) if s.beta > 0 else torch.nonzero(nonzero).flatten()
+        world = self.dist.world_size
+        n_tokens, n_seqs = all_reduce_sum([float(mask[counted].sum()), float(counted.sum())])  # global counts
+        n_tokens, n_seqs = max(n_tokens, 1.0), max(n_seqs, 1.0)
+        # Under DeepSpeed every row runs, so each rank makes the same number of collective
+        # forward/backward calls and DeepSpeed's fixed accumulation count holds; one plain process
+        # skips rows whose advantage is all 0 (they add no gradient at beta = 0).
+        skip = s.beta == 0 and not self.engine.collective
+        active = torch.nonzero(nonzero).flatten() if skip else torch.arange(len(rollout))
         out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if s.beta > 0 else {})
         if active.numel() == 0:
             return out
@@ -293,13 +310,15 @@ class GRPOTrainer:
                     beta=s.beta,
                     ref_logp=ref[k] if ref is not None else None,
                 )
-                self.engine.backward(res.loss)
+                # DeepSpeed averages gradients over ranks; the loss is normalised globally, so x W
+                self.engine.backward(res.loss * world if world > 1 else res.loss)
                 loss_sum += float(res.loss.detach())
                 clipped += float(res.clipped_tokens)
                 kl_sum += float(res.kl_sum)
             grad_norm = self.engine.step()
             if not math.isfinite(grad_norm):
                 self.skipped_steps += 1
+        loss_sum, clipped, kl_sum = all_reduce_sum([loss_sum, clipped, kl_sum])
         out.update(loss=loss_sum, clip_fraction=clipped / n_tokens, grad_norm=grad_norm)
         if s.beta > 0:
             out["kl"] = kl_sum / n_tokens
@@ -308,8 +327,10 @@ class GRPOTrainer:
     def step(self) -> dict[str, float]:
         """One RL step; returns the metrics to log (see ``train/``, ``rewards/``, ``perf/``)."""
         t0 = time.perf_counter()
-        examples = [next(self.stream) for _ in range(self.s.prompts_per_step)]
-        self.consumed += len(examples)
+        step_examples = [next(self.stream) for _ in range(self.s.prompts_per_step)]
+        self.consumed += len(step_examples)
+        share = len(step_examples) // self.dist.world_size  # each rank: its own prompts, whole groups
+        examples = step_examples[self.dist.rank * share : (self.dist.rank + 1) * share]
         rollout = self.generate(examples)
         t1 = time.perf_counter()
         parsed, rewards = self.score(rollout, examples)
@@ -317,28 +338,46 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         upd = self.update(rollout, advantages)
         t3 = time.perf_counter()
-        groups = rewards.total.reshape(-1, self.s.group_size)
-        metrics = reward_metrics(rewards.components, rewards.total)
-        metrics |= {f"train/{k}": v for k, v in calibration_summary(rewards.correct, rewards.confidence, rewards.format_ok).items()}
-        metrics |= {f"train/{k}": v for k, v in upd.items()}
         unanswerable = [e.unanswerable for e in examples for _ in range(self.s.group_size)]
-        if self.prompts.fmt.abstain is not None or any(unanswerable):
+        # Metrics of the whole step's batch: every rank's rows gathered (exact means over all
+        # completions, not means of per-rank means). Rows stay group by group, so row // G is the
+        # question of a row in the gathered batch.
+        parts = gather_objects({
+            "components": rewards.components, "total": rewards.total, "correct": rewards.correct,
+            "confidence": rewards.confidence, "format_ok": rewards.format_ok,
+            "abstained": np.array([p.abstained for p in parsed], dtype=bool), "unanswerable": np.array(unanswerable, dtype=bool),
+            "length": rollout.completion_mask.sum(dim=1).numpy(),
+            "zero_adv_groups": _zero_adv_group_fraction(advantages, rollout.group_index) * len(examples),
+            "adv_abs_sum": float(advantages.abs().sum()), "times": (t1 - t0, t2 - t1, t3 - t2),
+        })
+
+        def cat(key: str) -> np.ndarray:
+            return np.concatenate([p[key] for p in parts])
+
+        components = {k: np.concatenate([p["components"][k] for p in parts]) for k in rewards.components}
+        total, correct, fmt_ok, length = cat("total"), cat("correct"), cat("format_ok"), cat("length")
+        groups = total.reshape(-1, self.s.group_size)
+        metrics = reward_metrics(components, total)
+        metrics |= {f"train/{k}": v for k, v in calibration_summary(correct, cat("confidence"), fmt_ok).items()}
+        metrics |= {f"train/{k}": v for k, v in upd.items()}
+        if self.prompts.fmt.abstain is not None or cat("unanswerable").any():
             # a group is G samples of one question, so over-abstention is defined every step
-            abst = abstention_metrics(rollout.group_index.tolist(), [p.abstained for p in parsed], rewards.correct,
-                                      rewards.format_ok, unanswerable)
+            abst = abstention_metrics(np.arange(total.size) // self.s.group_size, cat("abstained"), correct, fmt_ok,
+                                      cat("unanswerable"))
             metrics |= {f"train/abstain/{k}": v for k, v in abst.items()}
+        gen_s, score_s, update_s = (max(p["times"][k] for p in parts) for k in range(3))  # the slowest rank
         metrics |= {
-            "train/completion_length": float(rollout.completion_mask.sum(dim=1).float().mean()),
+            "train/completion_length": float(length.mean()),
             "train/zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
-            "train/zero_adv_groups": _zero_adv_group_fraction(advantages, rollout.group_index),
+            "train/zero_adv_groups": sum(p["zero_adv_groups"] for p in parts) / groups.shape[0],
             # per completion token
-            "train/advantage_abs_mean": float(advantages.abs().sum() / rollout.completion_mask.sum().clamp_min(1)),
+            "train/advantage_abs_mean": sum(p["adv_abs_sum"] for p in parts) / max(float(length.sum()), 1.0),
             "train/skipped_steps": float(self.skipped_steps),
             "train/lr": self.engine.lr(),
-            "perf/generate_s": t1 - t0,
-            "perf/score_s": t2 - t1,
-            "perf/update_s": t3 - t2,
-            "perf/step_s": t3 - t0,
-            "perf/rollout_tokens_per_s": float(rollout.completion_mask.sum()) / max(t1 - t0, 1e-9),
+            "perf/generate_s": gen_s,
+            "perf/score_s": score_s,
+            "perf/update_s": update_s,
+            "perf/step_s": gen_s + score_s + update_s,
+            "perf/rollout_tokens_per_s": float(length.sum()) / max(gen_s, 1e-9),
         }
         return metrics
