@@ -85,3 +85,51 @@ def test_unsupported_deepspeed_settings_fail_at_start_up(overrides, match):
         cfg = compose("config", overrides=["model=tiny", "debug=default", *overrides])
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (0, 1, 0)),
+        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (3, 8, 1)),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}, (5, 16, 5)),  # submitit tasks
+        ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, (1, 2, 0)),  # torchrun in SLURM
+    ],
+)
+def test_ranks_come_from_the_launcher_environment(monkeypatch, env, expected):
+    from calibrl.distributed import dist_info
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    info = dist_info()
+    assert (info.rank, info.world_size, info.local_rank) == expected
+    assert info.is_main is (expected[0] == 0)
+
+
+def test_rank_outside_the_world_is_an_error(monkeypatch):
+    from calibrl.distributed import dist_info
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"RANK=2 is not in \[0, WORLD_SIZE=2\)"):
+        dist_info()
+
+
+def test_slurm_launcher_preset_composes():
+    # Hydra's submitit launcher (extra `slurm`): the preset composes with a training config
+    out = subprocess.run([sys.executable, "-m", "calibrl.train", "hydra/launcher=slurm", "model=tiny", "--cfg", "hydra"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SlurmLauncher" in out.stdout and "tasks_per_node: 8" in out.stdout
+
+
+def test_deepspeed_preset_in_one_plain_process(tmp_path):
+    # no launcher: a one-process group is made for DeepSpeed on a free local port
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "calibrl.train", "model=tiny", "debug=default", "deepspeed=zero2",
+                           "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["train/rl_step"] for r in _records(tmp_path) if "train/rl_step" in r] == [1]

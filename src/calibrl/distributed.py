@@ -37,26 +37,47 @@ class DistInfo:
 
 
 def dist_info() -> DistInfo:
-    """Ranks from ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (absent: one process).
+    """Ranks from ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (torchrun, deepspeed, accelerate),
+    else from SLURM's ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` (one task per
+    process, e.g. Hydra's submitit launcher), else one process.
 
     Raises:
         ValueError: inconsistent values (rank outside [0, world_size)).
     """
-    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        info = DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_LOCALID", 0)))
+    else:
+        info = DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
         raise ValueError(f"RANK={info.rank} is not in [0, WORLD_SIZE={info.world_size})")
     return info
 
 
-def init_distributed(backend: str = "gloo") -> DistInfo:
-    """Join the process group when launched with several processes (idempotent).
+def init_distributed(backend: str = "gloo", always: bool = False) -> DistInfo:
+    """Join the process group when launched with several processes, or with ``always`` (DeepSpeed
+    needs a process group even for one process; without launcher variables a one-process group is
+    made on a free local port). Idempotent.
 
     On CPU the backend is ``gloo`` (``DS_ACCELERATOR=cpu`` for DeepSpeed); ``nccl`` on GPUs. The
-    rendezvous comes from ``MASTER_ADDR`` / ``MASTER_PORT``, which every launcher sets.
+    rendezvous comes from ``MASTER_ADDR`` / ``MASTER_PORT``, which torchrun and the deepspeed
+    launcher set (under SLURM, ``conf/hydra/launcher/slurm.yaml`` exports them).
+
+    Raises:
+        ValueError: several processes without ``MASTER_ADDR`` / ``MASTER_PORT``.
     """
     info = dist_info()
-    if info.world_size > 1 and not dist.is_initialized():
+    if always and info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if (info.world_size > 1 or always) and not dist.is_initialized():
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ValueError(f"{info.world_size} processes but {' and '.join(missing)} unset: the rendezvous needs them")
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
     return info
 

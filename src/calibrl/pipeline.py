@@ -153,7 +153,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             cannot be built (unknown task, unreadable file, missing field; before the model loads).
     """
     validate(cfg)
-    info = init_distributed(cfg.deepspeed.backend)
+    info = init_distributed(cfg.deepspeed.backend, always=cfg.deepspeed.enabled)
     if info.world_size > 1 and not cfg.deepspeed.enabled:
         raise ConfigError(f"{info.world_size} processes need a DeepSpeed preset (deepspeed=zero1 or zero2)")
     if cfg.algo.prompts_per_step % info.world_size:
