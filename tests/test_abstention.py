@@ -241,6 +241,14 @@ def test_eval_report_and_scalars_carry_abstention_metrics():
     scalars = EvalResult("d", rows, report).scalars()
     assert scalars["abstain/over"] == pytest.approx(0.25) and scalars["abstain/rate"] == pytest.approx(1 / 3)
     assert "abstention" not in _summarize(rows, settings, "d")
+    by_flag = _summarize(rows, EvalSettings(n_bootstrap=0, n_samples=2, do_sample=True, slice_by=("unanswerable",)), "d")
+    assert {k: v["count"] for k, v in by_flag["slices"]["unanswerable"].items()} == {"False": 4, "True": 2}
+
+
+def test_every_set_can_be_sliced_by_the_unanswerable_flag():
+    plain = Example(id="p", question="1 + 1 =", answer="2")  # no such field: answerable
+    assert plain.field_value("unanswerable") == "False"
+    assert example(unanswerable=True).field_value("unanswerable") == "True"
 
 
 # --------------------------------------------------------------------------- config and a tiny run

@@ -72,7 +72,7 @@ def test_two_processes_match_one_process_with_twice_the_rows(stage, single_proce
     )
     assert done.returncode == 0, done.stderr[-3000:]
     dist = torch.load(out)
-    assert single_process_step["grad_norm"] > 0.5  # a real update (clipped to 1.0 by AdamW's step size)
+    assert single_process_step["grad_norm"] > 0.5  # a real gradient, so equal parameters mean something
     assert dist["grad_norm"] == pytest.approx(single_process_step["grad_norm"], rel=1e-5)
     ref = single_process_step["params"]
     assert set(dist["params"]) == set(ref)

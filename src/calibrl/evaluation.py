@@ -277,7 +277,8 @@ def _summarize(rows: list[dict[str, Any]], settings: EvalSettings, dataset: str,
     for field_name in settings.slice_by:
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            label = r["slice"] if field_name == "slice" else str(r["fields"][field_name])
+            label = (r["slice"] if field_name == "slice" else str(r["unanswerable"]) if field_name == "unanswerable"
+                     else str(r["fields"][field_name]))
             groups.setdefault(label, []).append(r)
         report["slices"][field_name] = {
             label: {

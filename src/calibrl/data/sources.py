@@ -70,14 +70,17 @@ class Example:
         raise ValueError(f"example {self.id!r}: field 'unanswerable' must be true/false or 0/1, got {flag!r}")
 
     def field_value(self, name: str) -> str:
-        """The value of ``name`` as a slice label: ``"slice"`` is :attr:`slice`, any other name is
-        looked up in :attr:`fields`.
+        """The value of ``name`` as a slice label: ``"slice"`` is :attr:`slice`, ``"unanswerable"``
+        is :attr:`unanswerable` (``"True"``/``"False"``, so every set can be sliced by it), any
+        other name is looked up in :attr:`fields`.
 
         Raises:
             KeyError: ``name`` is not a field of this example (the message lists the fields).
         """
         if name == "slice":
             return self.slice
+        if name == "unanswerable":
+            return str(self.unanswerable)
         if name not in self.fields:
             raise KeyError(f"example {self.id!r} has no field {name!r}; available: slice, {', '.join(sorted(self.fields))}")
         return str(self.fields[name])

@@ -1,4 +1,4 @@
-"""GRPO-style RL with a calibration-aware reward, single process.
+"""GRPO-style RL with a calibration-aware reward, on one process or data parallel under DeepSpeed.
 
 The algorithm, exactly as implemented (one RL step):
 
@@ -35,8 +35,15 @@ The algorithm, exactly as implemented (one RL step):
    backward under bf16 autocast when ``trainer.bf16``. A step whose gradient norm is non-finite
    is skipped (counted in ``train/skipped_steps``).
 
+Data parallel (``deepspeed=zero1|zero2``, W processes): each rank takes ``B / W`` whole prompts of
+the step (groups never span ranks), runs every rollout row (no skipping: DeepSpeed's collectives
+and fixed accumulation count need the same micro-batches on every rank), normalises the loss by
+the global token/sequence counts times W (DeepSpeed averages gradients), and the step's metrics
+are computed on the gathered batch.
+
 Launch: ``calibrl-train`` (or ``python -m calibrl.train``), e.g.
-``calibrl-train experiment=quickstart`` or ``calibrl-train model=tiny debug=default``.
+``calibrl-train experiment=quickstart`` or ``calibrl-train model=tiny debug=default``; several
+processes: ``torchrun --nproc_per_node N -m calibrl.train deepspeed=zero2 ...`` (README).
 """
 
 from __future__ import annotations
@@ -137,7 +144,7 @@ def example_stream(examples: Sequence[Example], seed: int) -> Iterator[Example]:
 
 
 class GRPOTrainer:
-    """One-process GRPO trainer (see module docstring for the algorithm).
+    """GRPO trainer: one process, or one rank of a data-parallel group (module docstring).
 
     Args:
         engine: update engine (:mod:`calibrl.rl.engine`); ``engine.module`` is the policy (a
