@@ -7,7 +7,12 @@ eval records at the same step are both kept.
 Files in the run directory: ``config_resolved.yaml``, ``metrics.jsonl`` (one JSON object per
 log call, flushed each time), ``eval_<stage>.jsonl`` (per-sample predictions), ``eval_<stage>.json``
 (the eval report with bootstrap CIs, see :mod:`calibrl.evaluation`), ``summary.json``
-(the before/after table), ``checkpoint/`` (final HF model and tokenizer), ``wandb/`` (offline run).
+(the before/after table), ``checkpoint/`` (final HF model and tokenizer), ``wandb/`` (offline run),
+``checkpoints/step*/`` (resumable checkpoints every ``trainer.save_every`` RL steps,
+:mod:`calibrl.checkpoint`; ``trainer.resume=auto|<path>`` continues from one).
+
+With several processes (DeepSpeed) rank 0 chooses the run directory and writes every file;
+see :mod:`calibrl.rl.grpo` for the data-parallel step.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from calibrl.checkpoint import CheckpointState, find_checkpoint, load_checkpoint, save_checkpoint
 from calibrl.config import ConfigError, completion_format, validate
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.data.sources import DataSplits
@@ -34,7 +40,6 @@ from calibrl.distributed import all_reduce_sum, broadcast_object, init_distribut
 from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, report_json, write_predictions
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
-from calibrl.checkpoint import CheckpointState, find_checkpoint, load_checkpoint, save_checkpoint
 from calibrl.rl.engine import TorchEngine
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_warmup
