@@ -174,3 +174,19 @@ def test_resume_from_a_path_without_a_checkpoint_is_a_one_line_error(tmp_path):
     done = subprocess.run(_train_cmd(tmp_path / "run", f"trainer.resume={tmp_path}"), cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2 and "no checkpoint there" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [("trainer.save_every=-1", "save_every must be >= 0"), ("trainer.keep_last=0", "keep_last must be >= 1")],
+)
+def test_bad_checkpoint_settings_fail_at_start_up(override, match):
+    from hydra import compose, initialize_config_dir
+
+    from calibrl.config import ConfigError, validate
+    from calibrl.train import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "debug=default", override])
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
