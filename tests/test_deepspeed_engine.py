@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from calibrl.distributed import free_port
 from calibrl.rl.deepspeed_engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +44,6 @@ def test_bad_settings_are_start_up_errors(kwargs, match):
         deepspeed_config(**(base | kwargs))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_process_step(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("single") / "single.pt"
@@ -66,7 +61,7 @@ def test_two_processes_match_one_process_with_twice_the_rows(stage, single_proce
     out = tmp_path / f"{stage}.pt"
     env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(WORKER), stage, str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -78,3 +73,22 @@ def test_two_processes_match_one_process_with_twice_the_rows(stage, single_proce
     assert set(dist["params"]) == set(ref)
     for name, value in ref.items():
         torch.testing.assert_close(dist["params"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_zero3_generation_gathers_the_weights_and_ranks_generate_different_lengths(tmp_path):
+    # Rank 0 generates 3 new tokens, rank 1 13: with ZeRO-3's per-module hooks in place each
+    # forward would be a collective and the ranks would hang; inside generation() the weights are
+    # gathered once, so each rank's greedy tokens equal those of an unsharded copy, before and
+    # after an update.
+    env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(REPO / "tests" / "workers" / "ds_generate.py"), str(tmp_path / "gen")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank, n_new in ((0, 3), (1, 13)):
+        result = json.loads((tmp_path / f"gen.rank{rank}.json").read_text())
+        assert result["grad_norm"] > 0.5  # the update changed the weights
+        for when in ("before", "after"):
+            assert result[when] == {"shape": [2, 3 + n_new], "equal": True}, (rank, when)

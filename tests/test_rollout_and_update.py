@@ -108,6 +108,7 @@ class FakeLM:
     def __init__(self, completions: torch.Tensor) -> None:
         self.completions = completions
         self.training = True
+        self.device = torch.device("cpu")
         self.calls: list[dict] = []
 
     def eval(self):

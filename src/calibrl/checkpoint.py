@@ -6,7 +6,7 @@ Layout, under the run directory::
         model.pt optimizer.pt scheduler.pt   (the engine's files, calibrl.rl.engine; deepspeed/
                                               with DeepSpeed: model, optimizer shards, scheduler)
         reference.pt                         (the frozen reference model, when algo.beta > 0)
-        rng_rank<r>.pt                       (python, numpy and torch RNG states of rank r)
+        rng_rank<r>.pt                       (python, numpy, torch CPU and CUDA RNG states of rank r)
         state.json                           (global step, RL step, trainer state, W&B run id,
                                               metrics-file records so far, eval results so far)
     checkpoints/.tmp-step00000044/ # a save in progress: never read
@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from calibrl.device import rng_state, set_rng_state
 from calibrl.distributed import barrier, dist_info
 from calibrl.rl.engine import Engine
 
@@ -66,10 +65,7 @@ class CheckpointState:
 
     def restore_rng(self) -> None:
         """Set the python, numpy and torch RNGs to their state at the save."""
-        rng = torch.load(self.path / f"rng_rank{dist_info().rank}.pt", weights_only=False)  # numpy state inside
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        set_rng_state(torch.load(self.path / f"rng_rank{dist_info().rank}.pt", weights_only=False))  # numpy inside
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,8 +108,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     engine.save(tmp)
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-               tmp / f"rng_rank{dist_info().rank}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{dist_info().rank}.pt")
     barrier()
     if main:
         _finish(tmp, final, root, keep_last, reference, {

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrl.device import autocast, module_device
 from calibrl.rewards.parsing import CompletionFormat, ParsedCompletion
 from calibrl.rl.rollout import Rollout, completion_logprobs
 
@@ -276,8 +277,8 @@ def confidence_signals(
         for lo in range(0, len(rows), micro_batch_size):
             chunk = rows[lo : lo + micro_batch_size]
             sub = rollout.select(torch.tensor(chunk))
-            with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                lp = completion_logprobs(model, sub, share_prefix=True)  # float32 [len(chunk), L]
+            with autocast(module_device(model), autocast_dtype):
+                lp = completion_logprobs(model, sub, share_prefix=True).cpu()  # float32 [len(chunk), L]
             keep = sub.completion_mask == 1
             for j, i in enumerate(chunk):
                 ids = sub.completion_ids[j][keep[j]].tolist()

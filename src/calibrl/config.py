@@ -9,6 +9,7 @@ bad name or an unsafe reward mix fails before any model is loaded, with the vali
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -16,10 +17,12 @@ from typing import TYPE_CHECKING, Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from calibrl.device import DEVICES
+
 if TYPE_CHECKING:
     from calibrl.rewards import CompletionFormat
 
-__all__ = ["Config", "ConfigError", "EvalJobConfig", "register_schema", "validate"]
+__all__ = ["Config", "ConfigError", "EvalJobConfig", "register_schema", "rl_warmup_steps", "validate"]
 
 
 class ConfigError(ValueError):
@@ -117,6 +120,7 @@ class AlgoConfig:
     beta: float = 0.0
     loss_agg: str = "token_mean"
     drop_zero_adv_groups: bool = False
+    mask_truncated: bool = False  # completions cut off at max_new_tokens get no loss (calibrl.rl.grpo)
     ppo_epochs: int = 1
 
 
@@ -147,9 +151,11 @@ class TrainerConfig:
     weight_decay: float = 0.0
     lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0
+    warmup_ratio: Optional[float] = None  # set: ceil(ratio * max_steps) warm-up steps (then warmup_steps must be 0)
     micro_batch_size: int = 32
     max_grad_norm: float = 1.0
     bf16: bool = True
+    device: str = "auto"  # auto (cuda:<local rank> when CUDA is available, else cpu) | cpu | cuda
     num_threads: int = 0  # 0: torch's default
     eval_every: int = 0  # 0: only before and after RL
     save_checkpoint: bool = True
@@ -183,7 +189,7 @@ class DeepSpeedConfig:
     stage: int = 0  # ZeRO stage (calibrl.rl.deepspeed_engine)
     offload: bool = False  # stage 3: parameters and optimizer state in CPU memory
     fp16: bool = False  # refused: bf16 autocast is trainer.bf16
-    backend: str = "gloo"  # process-group backend with several processes (nccl on GPUs)
+    backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
 
 
 @dataclass
@@ -228,6 +234,7 @@ class EvalJobConfig:
     checkpoint: Optional[str] = None  # run directory | HF model directory | model preset | None
     use_run_config: bool = True
     bf16: bool = True
+    device: str = "auto"  # auto | cpu | cuda (as trainer.device)
     num_threads: int = 0
     plots: bool = True
     seed: int = 0
@@ -250,6 +257,15 @@ def completion_format(cfg: DictConfig) -> "CompletionFormat":
     from calibrl.rewards import CompletionFormat
 
     return CompletionFormat(**cfg.prompt.tags, abstain=cfg.prompt.abstain_phrase)
+
+
+def rl_warmup_steps(trainer: DictConfig) -> int:
+    """Warm-up steps of the RL learning-rate schedule: ``ceil(trainer.warmup_ratio *
+    trainer.max_steps)`` when the ratio is set (as Hugging Face ``TrainingArguments``), else
+    ``trainer.warmup_steps`` (:func:`validate` refuses both)."""
+    if trainer.warmup_ratio is None:
+        return trainer.warmup_steps
+    return math.ceil(trainer.warmup_ratio * trainer.max_steps)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -295,12 +311,18 @@ def validate(cfg: DictConfig) -> None:
         (cfg.logger.mode not in ("offline", "online", "disabled"),
          f"unknown logger.mode {cfg.logger.mode!r}; valid choices: disabled, offline, online"),
         (cfg.algo.name != "grpo", f"unknown algo.name {cfg.algo.name!r}; valid choices: grpo"),
-        (cfg.deepspeed.enabled and cfg.deepspeed.stage == 3,
-         "deepspeed stage 3 (zero3, zero3_offload): RL generation under ZeRO-3 is not supported yet; use deepspeed=zero2"),
+        (cfg.trainer.device not in DEVICES, f"unknown trainer.device {cfg.trainer.device!r}; valid choices: {', '.join(DEVICES)}"),
+        (cfg.deepspeed.backend not in ("auto", "gloo", "nccl"),
+         f"unknown deepspeed.backend {cfg.deepspeed.backend!r}; valid choices: auto, gloo, nccl"),
         (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
         (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
         (cfg.trainer.save_every < 0, "trainer.save_every must be >= 0 (0: no resumable checkpoints)"),
         (cfg.trainer.keep_last < 1, "trainer.keep_last must be >= 1"),
+        (cfg.trainer.warmup_ratio is not None and cfg.trainer.warmup_steps != 0,
+         f"trainer.warmup_ratio={cfg.trainer.warmup_ratio} and trainer.warmup_steps={cfg.trainer.warmup_steps} are "
+         "both set; set one (trainer.warmup_steps=0 to use the ratio, trainer.warmup_ratio=null to use the steps)"),
+        (cfg.trainer.warmup_ratio is not None and not 0 <= cfg.trainer.warmup_ratio <= 1,
+         f"trainer.warmup_ratio must be in [0, 1], got {cfg.trainer.warmup_ratio}"),
         ("abstention" in cfg.reward.weights and cfg.prompt.abstain_phrase is None,
          "reward.weights.abstention needs prompt.abstain_phrase (the answer that abstains), e.g. prompt=tags_abstain"),
         (cfg.data.unanswerable.train_fraction > 0 and cfg.prompt.abstain_phrase is None,

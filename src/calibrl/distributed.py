@@ -8,12 +8,13 @@ single-process path never touches ``torch.distributed``.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "dist_info", "gather_objects", "init_distributed"]
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "dist_info", "free_port", "gather_objects", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ def dist_info() -> DistInfo:
     return info
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(backend: str = "gloo", always: bool = False) -> DistInfo:
     """Join the process group when launched with several processes, or with ``always`` (DeepSpeed
     needs a process group even for one process; without launcher variables a one-process group is
@@ -68,12 +76,7 @@ def init_distributed(backend: str = "gloo", always: bool = False) -> DistInfo:
     """
     info = dist_info()
     if always and info.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if (info.world_size > 1 or always) and not dist.is_initialized():
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:

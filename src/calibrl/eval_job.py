@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from calibrl.config import ConfigError, completion_format
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.confidence_signals import SIGNALS
+from calibrl.device import DEVICES, resolve_device
 from calibrl.evaluation import EvalResult, EvalSettings, check_slice_fields, evaluate, report_json, signal_values
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
@@ -172,6 +173,8 @@ def validate_eval_job(cfg: DictConfig) -> EvalSettings:
         raise ConfigError(err.args[0]) from err
     if cfg.logger.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"unknown logger.mode {cfg.logger.mode!r}; valid choices: disabled, offline, online")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"unknown device {cfg.device!r}; valid choices: {', '.join(DEVICES)}")
     return settings
 
 
@@ -250,6 +253,10 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
             loaded.
     """
     settings = validate_eval_job(cfg)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(err.args[0]) from err
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads > 0:
@@ -268,7 +275,7 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
     except (OSError, ValueError) as err:  # e.g. an HF directory without tokenizer files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"model {cfg.model.name_or_path or cfg.model.name!r} could not be loaded: {first}") from err
-    model.eval()
+    model.to(device).eval()
     fmt = completion_format(cfg)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     reward_fn = RewardFunction(dict(cfg.reward.weights))

@@ -54,6 +54,7 @@ import torch
 from calibrl.confidence_signals import SIGNALS, confidence_signals
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
+from calibrl.device import module_device
 from calibrl.distributed import DistInfo, gather_objects
 from calibrl.metrics import abstention_metrics, bootstrap_ci, metric_report, scalar_metrics
 from calibrl.metrics.voting import VOTING_METHODS, aggregate
@@ -357,7 +358,8 @@ def evaluate(
         examples: eval questions (Q of them).
         is_correct: verifier verdict ``is_correct(answer, example)`` (the dataset's).
         dataset: name used in the report and in the prediction rows.
-        autocast_dtype: e.g. ``torch.bfloat16`` for CPU autocast (as in training), or ``None``.
+        autocast_dtype: e.g. ``torch.bfloat16`` for autocast on the model's device (as in
+            training), or ``None``.
         progress: called with the number of questions finished after each batch.
         dist: with several processes each rank generates for ``examples[rank::world_size]`` and
             the rows are gathered (in question order) before the report, which every rank
@@ -372,7 +374,9 @@ def evaluate(
     if not examples:
         raise ValueError(f"eval set {dataset!r} has no examples")
     check_slice_fields(examples, settings.slice_by, dataset)
-    with torch.random.fork_rng(devices=[]):
+    device = module_device(model)
+    # on a GPU, sampling draws from the CUDA generator: fork it too
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
         rows = _generate(model, tokenizer, prompts, examples[dist.rank :: dist.world_size], is_correct, reward_fn,
                          settings, dataset, autocast_dtype, progress)

@@ -17,11 +17,13 @@ see :mod:`calibrl.rl.grpo` for the data-parallel step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import signal
 from pathlib import Path
@@ -33,10 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from calibrl.checkpoint import CheckpointState, find_checkpoint, load_checkpoint, save_checkpoint
-from calibrl.config import ConfigError, completion_format, validate
+from calibrl.config import ConfigError, completion_format, rl_warmup_steps, validate
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.data.sources import DataSplits
-from calibrl.distributed import all_reduce_sum, broadcast_object, init_distributed
+from calibrl.device import default_backend, resolve_device
+from calibrl.distributed import all_reduce_sum, broadcast_object, dist_info, init_distributed
 from calibrl.evaluation import EvalSettings, check_slice_fields, evaluate, report_json, write_predictions
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
@@ -92,6 +95,15 @@ def _load_checkpoint(path: Path, trust_remote_code: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags of a run, so the dashboard can group and filter arms: ``logger.tags``, the
+    experiment name, the objective combiner (``combine:<name>``) and the reward components with
+    a non-zero weight (``reward:<a>+<b>+...``, sorted), without duplicates."""
+    components = sorted(k for k, w in cfg.reward.weights.items() if w != 0)
+    tags = [*cfg.logger.tags, cfg.experiment_name, f"combine:{cfg.objective.combine}", "reward:" + "+".join(components)]
+    return list(dict.fromkeys(tags))
 
 
 def _print_table(results: dict[str, dict[str, float]], name: str) -> None:
@@ -158,9 +170,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             cannot be built (unknown task, unreadable file, missing field; before the model loads).
     """
     validate(cfg)
-    info = init_distributed(cfg.deepspeed.backend, always=cfg.deepspeed.enabled)
+    try:
+        device = resolve_device(cfg.trainer.device, dist_info().local_rank)
+    except ValueError as err:
+        raise ConfigError(err.args[0]) from err
+    if device.type == "cpu" and cfg.deepspeed.enabled:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by DeepSpeed when it is first imported
+    backend = default_backend(device) if cfg.deepspeed.backend == "auto" else cfg.deepspeed.backend
+    info = init_distributed(backend, always=cfg.deepspeed.enabled)
     if info.world_size > 1 and not cfg.deepspeed.enabled:
-        raise ConfigError(f"{info.world_size} processes need a DeepSpeed preset (deepspeed=zero1 or zero2)")
+        raise ConfigError(f"{info.world_size} processes need a DeepSpeed preset (deepspeed=zero1, zero2, zero3 or zero3_offload)")
     if cfg.algo.prompts_per_step % info.world_size:
         raise ConfigError(
             f"algo.prompts_per_step={cfg.algo.prompts_per_step} must be a multiple of the {info.world_size} processes"
@@ -189,21 +208,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     reward_fn = RewardFunction(dict(cfg.reward.weights))
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     model, tokenizer = load_policy(spec)
+    model.to(device)
     fmt = completion_format(cfg)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     autocast = torch.bfloat16 if cfg.trainer.bf16 else None
     lg = cfg.logger
     tracker = Tracker(
         run_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,
-        name=lg.name or f"{cfg.experiment_name}-{run_dir.name}", tags=list(lg.tags) or [cfg.experiment_name],
+        name=lg.name or f"{cfg.experiment_name}-{run_dir.name}", tags=run_tags(cfg),
         job_type=lg.job_type, resume_records=resume.records if resume else None,
         run_id=resume.wandb_id if resume else None, writer=info.is_main,
     )
     results: dict[str, dict[str, float]] = dict(resume.results) if resume else {}
     step = resume.global_step if resume else 0
+    engine = None  # the update engine, from the RL stage on
+
+    def full_parameters() -> Any:
+        """Full policy parameters on every rank (collective under ZeRO-3; a no-op otherwise)."""
+        return engine.generation() if engine is not None else contextlib.nullcontext()
 
     def run_eval(stage: str) -> None:
-        with tqdm(total=len(splits.eval), desc=f"eval [{stage}]", unit="question", leave=False) as bar:
+        with full_parameters(), tqdm(total=len(splits.eval), desc=f"eval [{stage}]", unit="question", leave=False) as bar:
             result = evaluate(
                 model, tokenizer, prompts, splits.eval, splits.is_correct, reward_fn, eval_settings,
                 dataset=splits.name, autocast_dtype=autocast, progress=bar.update, dist=info,
@@ -226,7 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             if cached is not None:
                 log.info("SFT warm-up and its eval loaded from the cache %s", cached.path)
                 print(f"SFT warm-up: loaded from the cache {cached.path}")
-                model = _load_checkpoint(cached.path / "checkpoint", cfg.model.trust_remote_code)
+                model = _load_checkpoint(cached.path / "checkpoint", cfg.model.trust_remote_code).to(device)
                 for record in cached.records:
                     tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
                 step = cached.last_step
@@ -263,9 +288,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
 
         a, t = cfg.algo, cfg.trainer
         settings = _settings(GRPOSettings, a, t, cfg.objective)
+        # A full frozen copy on every rank, also under ZeRO-3 (taken before DeepSpeed shards the policy).
         reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
         opt = _optimizer(model, t.lr, t.weight_decay)
-        sched = _scheduler(t.lr_scheduler, opt, t.warmup_steps, t.max_steps)
+        sched = _scheduler(t.lr_scheduler, opt, rl_warmup_steps(t), t.max_steps)
         if cfg.deepspeed.enabled:
             from calibrl.rl.deepspeed_engine import DeepSpeedEngine, deepspeed_config
 
@@ -322,9 +348,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
                     exit_code = 128 + signal.SIGTERM
                     raise SystemExit(exit_code)
         run_eval("final")
-        if t.save_checkpoint and info.is_main:
-            model.save_pretrained(run_dir / "checkpoint")
-            tokenizer.save_pretrained(run_dir / "checkpoint")
+        if t.save_checkpoint:
+            with full_parameters():
+                if info.is_main:
+                    model.save_pretrained(run_dir / "checkpoint")
+                    tokenizer.save_pretrained(run_dir / "checkpoint")
         tracker.summary({f"final/{k}": v for k, v in results["final"].items()})
         exit_code = 0
     finally:

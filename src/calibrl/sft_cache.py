@@ -8,7 +8,8 @@ warm-up; later runs with the same key load them instead. Restoring the RNG state
 that hits the cache follow exactly the RL trajectory of one that did the warm-up itself.
 
 The key is a SHA-256 of everything the warm-up and its eval depend on: the resolved ``model``,
-``data``, ``prompt``, ``trainer.sft`` (without ``cache``), ``trainer.bf16``,
+``data``, ``prompt``, ``trainer.sft`` (without ``cache``), ``trainer.bf16``, the device type
+(``cpu`` or ``cuda``, as ``trainer.device`` resolves here),
 ``trainer.weight_decay``, ``trainer.max_grad_norm``, ``eval`` (without ``raw_model``), ``seed``
 and the calibrl version. It does not cover the code: after changing SFT or eval code, delete
 ``$CALIBRL_CACHE/sft``. Entries are written to a temporary directory renamed into place, so an
@@ -21,18 +22,16 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 import calibrl
+from calibrl.device import device_type, rng_state, set_rng_state
 
 __all__ = ["SFTCacheEntry", "sft_cache_key", "sft_cache_dir", "save_sft_cache", "load_sft_cache"]
 
@@ -46,7 +45,7 @@ def sft_cache_key(cfg: DictConfig) -> str:
     parts = {
         "model": c["model"], "data": c["data"], "prompt": c["prompt"],
         "sft": {k: v for k, v in t["sft"].items() if k != "cache"},
-        "bf16": t["bf16"], "weight_decay": t["weight_decay"], "max_grad_norm": t["max_grad_norm"],
+        "bf16": t["bf16"], "device": device_type(t["device"]), "weight_decay": t["weight_decay"], "max_grad_norm": t["max_grad_norm"],
         "eval": {k: v for k, v in c["eval"].items() if k != "raw_model"},
         "seed": c["seed"], "version": calibrl.__version__,
     }
@@ -85,10 +84,7 @@ class SFTCacheEntry:
     def restore_rng(self) -> None:
         """Restore the Python, NumPy and torch RNG states saved at the end of the warm-up."""
         with (self.path / "rng.pkl").open("rb") as f:
-            state = pickle.load(f)
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
+            set_rng_state(pickle.load(f))
 
 
 def save_sft_cache(
@@ -115,8 +111,7 @@ def save_sft_cache(
         for name in EVAL_FILES:
             shutil.copyfile(run_dir / name, tmp / name)
         with (tmp / "rng.pkl").open("wb") as f:
-            pickle.dump({"python": random.getstate(), "numpy": np.random.get_state(),
-                         "torch": torch.get_rng_state()}, f)
+            pickle.dump(rng_state(), f)
         (tmp / "entry.json").write_text(json.dumps({"records": records, "eval_scalars": eval_scalars}))
         os.chmod(tmp, 0o755)
         try:

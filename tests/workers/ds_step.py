@@ -15,6 +15,9 @@ from calibrl.distributed import init_distributed
 from calibrl.rl.engine import TorchEngine
 
 ROWS, LENGTH, MICRO = 8, 6, int(__import__("os").environ.get("MICRO", 2))
+# ZeRO-3 keeps parameters under 1e5 elements whole on every rank by default; this model's are all
+# smaller, so without this setting stage 3 would shard nothing.
+SHARD_ALL = {"stage3_param_persistence_threshold": 0}
 
 
 def model_and_data():
@@ -47,6 +50,7 @@ def main(mode: str, out: str) -> None:
         share = ROWS // info.world_size
         cfg = deepspeed_config(stage=int(mode.removeprefix("zero")), offload=False, micro_batch_size=MICRO,
                                accumulation_steps=-(-share // MICRO), max_grad_norm=1.0)
+        cfg["zero_optimization"] |= SHARD_ALL
         engine = DeepSpeedEngine(model, opt, None, cfg)
         rows, scale = range(info.rank * share, (info.rank + 1) * share), float(info.world_size)
     rows = list(rows)

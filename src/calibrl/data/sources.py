@@ -7,7 +7,20 @@ Sources (``data.source``):
   metadata fields named in ``data.slice_fields`` (e.g. ``num_terms=2,num_digits=1``).
 - ``hf``: rows loaded with :func:`datasets.load_dataset` from a hub id or a local
   ``.jsonl``/``.json``/``.parquet``/``.csv`` file, with a field mapping
-  (``question``, ``answer``, optional ``id`` and ``slice``). Verifier: ``data.verifier``.
+  (``question``, ``answer``, optional ``id`` and ``slice``). Verifier: ``data.verifier``. A
+  single local file is one table: ``data.eval_split`` does not apply to it and ``eval_size`` rows
+  are held out of it; a local directory (e.g. ``train.jsonl`` + ``test.jsonl``) or a hub id has
+  named splits.
+
+Verifiers (``data.verifier``):
+
+- ``exact``: trimmed, case-folded, whitespace-collapsed match, a trailing period dropped.
+- ``squad_em``: SQuAD's normalised exact match (lower-case, punctuation and the articles
+  a/an/the removed, whitespace collapsed; Rajpurkar et al. 2016, the ``normalize_answer`` of the
+  official SQuAD v1.1 evaluation script). The HotpotQA reward of RLCR (arXiv:2507.16806) is this
+  match, so "The Beatles" and "Beatles" or "U.S." and "US" are the same answer.
+- ``math_verify``: symbolic equivalence through the optional ``math-verify`` package (a run
+  that names it without the package installed fails at start-up, not with every answer wrong).
 
 A verifier returns a score in [0, 1]; an answer is *correct* when the score is >= 1 (partial
 credit does not count as correct, since the Brier term needs a binary outcome).
@@ -15,8 +28,10 @@ credit does not count as correct, since the Brier term needs a binary outcome).
 
 from __future__ import annotations
 
+import importlib
 import random
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +147,23 @@ def exact_match(answer: str, example: Example) -> float:
     """1.0 when answer and reference match after trimming, case-folding, collapsing whitespace
     and dropping a trailing period; else 0.0."""
     return float(_normalize(answer) == _normalize(example.answer))
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD v1.1 answer normalisation: lower-case, drop ASCII punctuation, drop the articles
+    a/an/the (whole words), collapse whitespace. Order as in the official script: punctuation
+    goes before articles, so "the-end" -> "theend" keeps its letters."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+@VERIFIERS.register("squad_em")
+def squad_exact_match(answer: str, example: Example) -> float:
+    """1.0 when :func:`squad_normalize` makes answer and reference equal; else 0.0."""
+    return float(squad_normalize(answer) == squad_normalize(example.answer))
 
 
 @VERIFIERS.register("math_verify")
@@ -261,6 +293,23 @@ def _rows_to_examples(rows: list[dict[str, Any]], fields: Mapping[str, str | Non
     return out
 
 
+# Verifiers that need an optional package: name -> (module, pip package).
+_VERIFIER_PACKAGES = {"math_verify": ("math_verify", "math-verify")}
+
+
+def _require_verifier_package(verifier: str) -> None:
+    """Fail at start-up when ``verifier`` needs a package that is not installed (otherwise every
+    answer would silently count as wrong: :meth:`DataSplits.is_correct` treats a raising
+    verifier as an incorrect answer)."""
+    if verifier not in _VERIFIER_PACKAGES:
+        return
+    module, package = _VERIFIER_PACKAGES[verifier]
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"data.verifier={verifier} needs the {package} package: pip install {package}") from err
+
+
 @SOURCES.register("hf")
 def hf_source(
     name: str,
@@ -278,20 +327,24 @@ def hf_source(
 ) -> DataSplits:
     """Build splits from a `datasets` table (hub id or local file).
 
-    With ``eval_split`` set, eval rows come from that split; otherwise ``eval_size`` rows are
-    held out of ``train_split`` by a shuffle seeded with ``eval_seed``. Train rows are then
-    shuffled with ``train_seed`` and cut to ``train_size`` (0: an eval-only set, no train rows).
+    With ``eval_split`` set, eval rows come from that split; otherwise, and always for a single
+    local file (one table, no splits), ``eval_size`` rows are held out of ``train_split`` by a
+    shuffle seeded with ``eval_seed``. Train rows are then shuffled with ``train_seed`` and cut
+    to ``train_size`` (0: an eval-only set, no train rows).
 
     Raises:
         FileNotFoundError: a local path that does not exist.
-        ValueError: a row misses the question or answer field (message names path, row, field).
+        ValueError: a row misses the question or answer field (message names path, row, field),
+            or the verifier's optional package is not installed (``math_verify``).
         KeyError: unknown verifier.
     """
     verify = VERIFIERS.get(verifier)
-    # A local file has one table (no splits to name in messages).
-    where = path if Path(path).expanduser().is_file() else f"{path}[{train_split}]"
+    _require_verifier_package(verifier)
+    # A local file is one table: no splits to read or to name in messages.
+    single_file = Path(path).expanduser().is_file()
+    where = path if single_file else f"{path}[{train_split}]"
     rows = _rows_to_examples(_load_table(path, train_split, subset), fields, "train", where)
-    if eval_split:
+    if eval_split and not single_file:
         held = _rows_to_examples(_load_table(path, eval_split, subset), fields, "eval", f"{path}[{eval_split}]")
         random.Random(eval_seed).shuffle(held)
         held = held[:eval_size]

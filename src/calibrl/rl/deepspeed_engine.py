@@ -19,6 +19,13 @@ micro-batches per rank and step     ``gradient_accumulation_steps`` (the loop ru
 
 fp16 is refused: it does not exist on CPU, and on GPUs calibrl trains with bf16 autocast.
 
+ZeRO-3 (parameters sharded): generation and evaluation run inside :meth:`DeepSpeedEngine.generation`,
+which gathers the full parameters once and lifts ZeRO-3's per-module hooks (DeepSpeed's
+``unwrap_model_for_generation``), so ranks generate independently. The frozen reference model
+(``algo.beta > 0``) is *not* sharded: each rank keeps a full copy in inference mode (no gradients,
+no optimizer state, ``requires_grad=False``), made from the warmed-up policy before DeepSpeed
+partitions it. The final HF checkpoint is written from gathered parameters.
+
 Data parallelism contract (the caller's part): each rank's micro-batch losses are normalised by
 the *global* token (or sequence) count and multiplied by the world size, because DeepSpeed
 averages gradients over ranks; then W processes with micro-batch b give the update of one process
@@ -138,14 +145,24 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def generation(self) -> Iterator[None]:
-        """Stages 0-2 keep full parameters on every rank: nothing to do.
+        """Full parameters for generation and evaluation (collective: every rank enters it).
 
-        Raises:
-            NotImplementedError: stage 3 (generation needs the sharded parameters gathered).
+        Stages 0-2 keep full parameters on every rank: nothing to do. Stage 3 uses DeepSpeed's
+        ``unwrap_model_for_generation``: the sharded parameters are all-gathered **once** and
+        ZeRO-3's per-module fetch/release hooks are taken off for the duration, so each rank
+        then generates on its own with plain forward passes (no collective per token, so ranks
+        that sample different lengths, or evaluate different numbers of questions, cannot
+        deadlock); on exit the hooks are put back and the parameters re-partitioned. Cost: every
+        rank holds the full policy in memory while inside (the parameters only, no optimizer
+        state). Inside, no gradients may be taken through the policy.
         """
-        if self.stage == 3:
-            raise NotImplementedError("generation under ZeRO-3 is not supported yet; use deepspeed=zero2")
-        yield
+        if self.stage != 3:
+            yield
+            return
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.engine):
+            yield
 
     def save(self, directory: Path) -> None:
         """DeepSpeed checkpoint (model, optimizer shards, scheduler) under ``directory/deepspeed``

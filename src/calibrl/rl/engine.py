@@ -14,8 +14,8 @@ The protocol (:class:`Engine`):
   optimizer and scheduler untouched) and is returned as is, so the caller can count it.
 - ``zero_grad()``.
 - ``lr() -> float``: the current learning rate (of the first parameter group).
-- ``generation()``: context manager around ``generate`` (a no-op here; ZeRO-3 gathers the
-  sharded parameters inside it).
+- ``generation()``: context manager around ``generate``, evaluation and the final HF save (a
+  no-op here; under ZeRO-3 the full parameters are gathered inside it).
 - ``save(dir)`` / ``load(dir)``: model, optimizer and scheduler state in ``dir``.
 """
 

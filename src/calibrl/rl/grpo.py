@@ -30,16 +30,22 @@ The algorithm, exactly as implemented (one RL step):
    advantage is 0 on every token contribute no gradient when ``beta == 0`` and are skipped in
    the forward (normalisers still count them, so the loss is unchanged), unless
    ``algo.drop_zero_adv_groups`` leaves whole all-zero groups out of the normalisers (DAPO).
+   With ``algo.mask_truncated`` a completion that hit ``algo.max_new_tokens`` without finishing
+   (no EOS, no stop string) gets no loss: its tokens leave the loss and both normalisers, as
+   DAPO's overlong filtering (arXiv:2503.14476) and TRL's ``mask_truncated_completions``; it
+   still has its reward and counts in its group's baseline (step 4). Their share is logged as
+   ``train/truncated_fraction`` either way.
 6. **Update.** Gradients accumulated over micro-batches of ``trainer.micro_batch_size``
    completions, clipped to ``trainer.max_grad_norm``, AdamW step, LR schedule step. Forward and
    backward under bf16 autocast when ``trainer.bf16``. A step whose gradient norm is non-finite
    is skipped (counted in ``train/skipped_steps``).
 
-Data parallel (``deepspeed=zero1|zero2``, W processes): each rank takes ``B / W`` whole prompts of
+Data parallel (``deepspeed=zero1|zero2|zero3|zero3_offload``, W processes): each rank takes ``B / W`` whole prompts of
 the step (groups never span ranks), runs every rollout row (no skipping: DeepSpeed's collectives
 and fixed accumulation count need the same micro-batches on every rank), normalises the loss by
 the global token/sequence counts times W (DeepSpeed averages gradients), and the step's metrics
-are computed on the gathered batch.
+are computed on the gathered batch. Under ZeRO-3 rollouts are generated inside the engine's
+``generation()`` (parameters gathered once per step, see :mod:`calibrl.rl.deepspeed_engine`).
 
 Launch: ``calibrl-train`` (or ``python -m calibrl.train``), e.g.
 ``calibrl-train experiment=quickstart`` or ``calibrl-train model=tiny debug=default``; several
@@ -52,7 +58,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +66,7 @@ import torch
 
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
+from calibrl.device import autocast, module_device
 from calibrl.distributed import DistInfo, all_reduce_sum, gather_objects
 from calibrl.metrics import abstention_metrics, calibration_summary
 from calibrl.objectives import COMBINERS, segment_ids
@@ -91,6 +98,9 @@ class GRPOSettings:
         drop_zero_adv_groups: leave groups whose advantages are all 0 (every completion scored
             the same) out of the loss normalisers, as DAPO's dynamic sampling does
             (arXiv:2503.14476), without refilling the batch; their share is logged either way.
+        mask_truncated: completions cut off at ``max_new_tokens`` (no EOS, no stop string) get
+            no loss: their tokens leave the policy loss and its normalisers (DAPO's overlong
+            filtering); rewards and group baselines still include them.
         ppo_epochs: optimizer steps per rollout batch.
         micro_batch_size: completions per forward/backward.
         bf16: bf16 autocast for generation, forward and backward.
@@ -109,6 +119,7 @@ class GRPOSettings:
     beta: float = 0.0
     loss_agg: str = "token_mean"
     drop_zero_adv_groups: bool = False
+    mask_truncated: bool = False
     ppo_epochs: int = 1
     micro_batch_size: int = 32
     bf16: bool = True
@@ -210,9 +221,6 @@ class GRPOTrainer:
             next(self.stream)
         self.consumed, self.skipped_steps = state["consumed"], state["skipped_steps"]
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.s.bf16)
-
     def generate(self, examples: list[Example]) -> Rollout:
         """Sample G completions for each example (step 2)."""
         with self.engine.generation():
@@ -241,7 +249,8 @@ class GRPOTrainer:
         return parsed, rewards
 
     def _logprobs(self, model: Any, rollout: Rollout, grad: bool) -> torch.Tensor:
-        with torch.set_grad_enabled(grad), self._autocast():
+        """float32 ``[N, L]`` on the model's device."""
+        with torch.set_grad_enabled(grad), autocast(module_device(model), self.autocast_dtype):
             return completion_logprobs(model, rollout)
 
     def advantages(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch) -> torch.Tensor:
@@ -272,11 +281,16 @@ class GRPOTrainer:
             completion token) when ``beta > 0``.
         """
         s = self.s
-        mask = rollout.completion_mask
         nonzero = advantages != 0 if advantages.ndim == 1 else (advantages != 0).any(dim=1)
         counted = torch.ones(len(rollout), dtype=torch.bool)
         if s.drop_zero_adv_groups:  # rows of groups with some non-zero advantage
             counted = _live_groups(advantages, rollout.group_index)[rollout.group_index]
+        if s.mask_truncated and rollout.truncated is not None and rollout.truncated.any():
+            # Overlong filtering: a cut-off row keeps no token in the loss or its normalisers.
+            kept = ~rollout.truncated
+            rollout = replace(rollout, completion_mask=rollout.completion_mask * kept[:, None])
+            counted, nonzero = counted & kept, nonzero & kept
+        mask = rollout.completion_mask
         world = self.dist.world_size
         n_tokens, n_seqs = all_reduce_sum([float(mask[counted].sum()), float(counted.sum())])  # global counts
         n_tokens, n_seqs = max(n_tokens, 1.0), max(n_seqs, 1.0)
@@ -302,12 +316,12 @@ class GRPOTrainer:
             loss_sum = clipped = kl_sum = 0.0
             for k, c in enumerate(chunks):
                 mb = sub.select(c)
-                logp = self._logprobs(self.policy, mb, grad=True)
+                logp = self._logprobs(self.policy, mb, grad=True)  # on the policy's device
                 res = clipped_policy_loss(
                     logp,
                     old[k] if old is not None else logp.detach(),
-                    adv[c],
-                    mb.completion_mask,
+                    adv[c].to(logp.device),
+                    mb.completion_mask.to(logp.device),
                     clip_low=s.clip_low,
                     clip_high=s.clip_high,
                     n_tokens=n_tokens,
@@ -354,6 +368,8 @@ class GRPOTrainer:
             "confidence": rewards.confidence, "format_ok": rewards.format_ok,
             "abstained": np.array([p.abstained for p in parsed], dtype=bool), "unanswerable": np.array(unanswerable, dtype=bool),
             "length": rollout.completion_mask.sum(dim=1).numpy(),
+            "truncated": (rollout.truncated if rollout.truncated is not None
+                          else torch.zeros(len(rollout), dtype=torch.bool)).numpy(),
             "zero_adv_groups": _zero_adv_group_fraction(advantages, rollout.group_index) * len(examples),
             "adv_abs_sum": float(advantages.abs().sum()), "times": (t1 - t0, t2 - t1, t3 - t2),
         })
@@ -375,6 +391,7 @@ class GRPOTrainer:
         gen_s, score_s, update_s = (max(p["times"][k] for p in parts) for k in range(3))  # the slowest rank
         metrics |= {
             "train/completion_length": float(length.mean()),
+            "train/truncated_fraction": float(cat("truncated").mean()),
             "train/zero_std_groups": float(np.mean(groups.max(axis=1) == groups.min(axis=1))),
             "train/zero_adv_groups": sum(p["zero_adv_groups"] for p in parts) / groups.shape[0],
             # per completion token

@@ -3,6 +3,10 @@
 Layout: prompts are left-padded, completions right-padded, concatenated as
 ``[prompt | completion]``; positions follow the attention mask (``cumsum - 1``) so that the
 training forward sees the same positions as ``generate`` did.
+
+Devices: a :class:`Rollout` lives on the CPU (parsing, rewards and metrics read it there); the
+model's inputs are moved to the model's device (:func:`calibrl.device.module_device`), and
+log-probs come back on that device.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from calibrl.device import autocast, module_device
 
 __all__ = ["Rollout", "generate_rollout", "completion_logprobs"]
 
@@ -28,6 +34,8 @@ class Rollout:
         texts: ``B*G`` decoded completions (special tokens removed).
         group_index: LongTensor ``[B*G]``, the prompt (group) each completion answers; rows
             with the same index share the same prompt tokens.
+        truncated: BoolTensor ``[B*G]``, the row hit ``max_new_tokens`` without an EOS token or
+            the stop string (it did not finish); ``None`` (hand-built rollouts): none truncated.
     """
 
     prompt_ids: torch.Tensor
@@ -36,6 +44,7 @@ class Rollout:
     completion_mask: torch.Tensor
     texts: list[str]
     group_index: torch.Tensor
+    truncated: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -50,7 +59,13 @@ class Rollout:
             self.completion_mask[idx],
             [self.texts[i] for i in rows],
             self.group_index[idx],
+            self.truncated[idx] if self.truncated is not None else None,
         )
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        """The same rows with every tensor on ``device`` (no copy where already there)."""
+        return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+                       self.completion_mask.to(device), self.texts, self.group_index.to(device), self.truncated)
 
 
 def _completion_mask(ids: torch.Tensor, texts: list[str], end_ids: set[int], eos_id: int, stop: str | None) -> torch.Tensor:
@@ -69,6 +84,19 @@ def _completion_mask(ids: torch.Tensor, texts: list[str], end_ids: set[int], eos
         include_end = end < length and row[end] == eos_id and not stopped
         keep[i, : end + int(include_end)] = 1
     return keep
+
+
+def _truncated(ids: torch.Tensor, texts: list[str], end_ids: set[int], stop: str | None, max_new_tokens: int) -> torch.Tensor:
+    """BoolTensor ``[N]``: the row is ``max_new_tokens`` long with no EOS/pad token and its text
+    does not end with the stop string, i.e. generation cut it off (as ``_completion_mask``
+    reads rows). Shorter batches cannot hold a truncated row: ``generate`` only stops early once
+    every row has finished."""
+    if ids.shape[1] < max_new_tokens:
+        return torch.zeros(ids.shape[0], dtype=torch.bool)
+    return torch.tensor([
+        not end_ids.intersection(row) and not (bool(stop) and text.rstrip().endswith(stop))
+        for row, text in zip(ids.tolist(), texts)
+    ], dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -92,13 +120,15 @@ def generate_rollout(
         group_size: G completions per prompt (G=1 with ``do_sample=False`` for greedy eval).
         max_new_tokens: completion length cap, in tokens.
         stop_string: generation stops once it has been written (saves tokens after the format).
-        autocast_dtype: e.g. ``torch.bfloat16`` for CPU autocast, ``None`` for full precision.
+        autocast_dtype: e.g. ``torch.bfloat16`` for autocast on the model's device, ``None`` for
+            full precision.
 
     Returns:
-        A :class:`Rollout` of ``B*G`` completions.
+        A :class:`Rollout` of ``B*G`` completions, on the CPU.
     """
     was_training = model.training
     model.eval()
+    device = module_device(model)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     gen_kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
@@ -113,8 +143,9 @@ def generate_rollout(
         gen_kwargs |= dict(temperature=None, top_p=None, top_k=None)
     if stop_string:
         gen_kwargs |= dict(stop_strings=[stop_string], tokenizer=tokenizer)
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, **gen_kwargs)
+    with autocast(device, autocast_dtype):
+        out = model.generate(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+                             **gen_kwargs).cpu()
     model.train(was_training)
     p = enc.input_ids.shape[1]
     completion_ids = out[:, p:]
@@ -131,6 +162,7 @@ def generate_rollout(
         completion_mask=mask,
         texts=texts,
         group_index=torch.arange(len(prompts)).repeat_interleave(group_size),
+        truncated=_truncated(completion_ids, texts, end_ids, stop_string, max_new_tokens),
     )
 
 
@@ -148,18 +180,21 @@ def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True)
     ``logsumexp`` on those alone, so ``[N, P+L, V]`` log-probs are never materialised.
 
     Args:
-        rollout: N completions (any subset of a rollout's rows).
+        rollout: N completions (any subset of a rollout's rows), on any device.
 
     Returns:
-        float32 ``[N, L]`` log-probs in nats (meaningless where ``completion_mask`` is 0).
+        float32 ``[N, L]`` log-probs in nats (meaningless where ``completion_mask`` is 0), on the
+        model's device.
     """
+    rollout = rollout.to(module_device(model))
     length = rollout.completion_ids.shape[1]
     attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [N, P+L]
     positions = (attn.cumsum(dim=1) - 1).clamp_min(0)
     if share_prefix:
         groups, inverse = torch.unique(rollout.group_index, return_inverse=True)
         # One row per distinct prompt (any row of a group will do: they hold the same prompt).
-        first = torch.empty(len(groups), dtype=torch.long).scatter_(0, inverse, torch.arange(len(rollout)))
+        first = torch.empty(len(groups), dtype=torch.long, device=inverse.device).scatter_(
+            0, inverse, torch.arange(len(rollout), device=inverse.device))
         prefix = model(
             input_ids=rollout.prompt_ids[first],
             attention_mask=rollout.prompt_mask[first],

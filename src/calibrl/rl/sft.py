@@ -17,6 +17,7 @@ import torch
 
 from calibrl.data.prompts import CONFIDENCE_POLICIES, PromptBuilder
 from calibrl.data.sources import Example
+from calibrl.device import autocast, module_device
 
 __all__ = ["SFTSettings", "sft_batches", "sft_warmup"]
 
@@ -124,8 +125,9 @@ def sft_warmup(
     steps = 0
     for batch in sft_batches(tokenizer, prompts, examples, settings):
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            loss = completion_loss(model, batch)
+        device = module_device(model)
+        with autocast(device, torch.bfloat16 if settings.bf16 else None):
+            loss = completion_loss(model, {k: v.to(device) for k, v in batch.items()})
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
         optimizer.step()
