@@ -45,8 +45,9 @@ Tokens and FLOPs (useful work, the same definition for both frameworks):
 - achieved FLOP/s = FLOPs / phase time; attention-score FLOPs are left out (< 5% here).
 
 Peak: the best of large square matmuls (1024, 2048, 4096) in fp32 and bf16 with torch on this
-machine (all threads), and bf16 at the model's own matmul shapes (tokens x hidden x intermediate
-and tokens x hidden x vocab) as a reachable ceiling.
+machine (the workers' thread count), and bf16 at the model's own matmul shapes (micro-batch tokens
+x hidden x intermediate, x vocab, and a 64-row decode step); the bf16 reference (``bf16_best``)
+is the best of all bf16 measurements.
 
 The parent prints the table and writes ``benchmarks/results/rl_step_<date>.json`` (``--out``):
 machine (CPU model, cores, load), versions, settings, per-step records and summaries.
@@ -333,6 +334,7 @@ def run_trl(w: Workload) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from calibrl.config import rl_warmup_steps
@@ -417,6 +419,7 @@ def run_trl(w: Workload) -> dict[str, Any]:
 
     trainer = TimedTrainer(model=model, reward_funcs=[component(k) for k in names], args=args, train_dataset=dataset,
                            processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would clutter the table
     trainer.train()
     if len(times["records"]) < w.warmup + w.steps:
         raise RuntimeError(f"TRL ran {len(times['records'])} of {w.warmup + w.steps} steps ({len(dataset)} training prompts, "
@@ -536,14 +539,23 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _spawn(framework: str, w: Workload, tmp: Path) -> dict[str, Any]:
-    spec, result = tmp / f"{framework}_in.json", tmp / f"{framework}_out.json"
-    spec.write_text(json.dumps(dataclasses.asdict(w)))
-    cmd = [sys.executable, __file__, "--worker", framework, "--worker-io", str(spec), str(result)]
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed (exit {proc.returncode})")
-    return json.loads(result.read_text())
+def _run_workers(jobs: dict[str, Workload], tmp: Path, parallel: bool) -> dict[str, dict[str, Any]]:
+    """Each framework in its own Python process (its own peak RSS); one after the other unless
+    ``parallel`` (then their timings contend for the CPUs: for smoke tests only)."""
+    procs = {}
+    for framework, w in jobs.items():
+        spec = tmp / f"{framework}_in.json"
+        spec.write_text(json.dumps(dataclasses.asdict(w)))
+        cmd = [sys.executable, __file__, "--worker", framework, "--worker-io", str(spec), str(tmp / f"{framework}_out.json")]
+        # Nothing here needs the network: keep huggingface_hub from trying (telemetry, hub lookups).
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        procs[framework] = subprocess.Popen(cmd, cwd=REPO, env=env)
+        if not parallel:
+            procs[framework].wait()
+    failed = {f: p.wait() for f, p in procs.items()}
+    if any(failed.values()):
+        raise RuntimeError(f"worker(s) failed: {', '.join(f'{f} (exit {rc})' for f, rc in failed.items() if rc)}")
+    return {f: json.loads((tmp / f"{f}_out.json").read_text()) for f in jobs}
 
 
 def _table(results: dict[str, dict[str, float]], peak: dict[str, Any]) -> str:
@@ -573,9 +585,10 @@ def _table(results: dict[str, dict[str, float]], peak: dict[str, Any]) -> str:
         lines.append(f"{label:26}" + "".join(f"{fmt.format(v):>12}" for v in vals) + ratio)
     if len(fws) == 2:
         lines.append(f"speed-up (TRL s/step / calibrl s/step): {results['trl']['step_s_median'] / results['calibrl']['step_s_median']:.2f}x")
-    f32, b16 = peak["fp32"]["peak_gflops"], peak["bf16"]["peak_gflops"]
-    lines.append(f"matmul peak on this machine: fp32 {f32:.0f} GFLOP/s, bf16 {b16:.0f} GFLOP/s; at model shapes (bf16): "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in peak["model_shapes_bf16"].items()))
+    f32, b16 = peak["fp32"]["peak_gflops"], peak["bf16_best"]
+    lines.append(f"matmul peak on this machine: fp32 {f32:.0f} GFLOP/s, bf16 {b16:.0f} GFLOP/s (best of square "
+                 f"{peak['bf16']['peak_gflops']:.0f} and model shapes: "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in peak["model_shapes_bf16"].items()) + ")")
     for f in fws:
         r = results[f]
         lines.append(f"{f}: training {r['training_gflops']:.1f} GFLOP/s = {100 * r['training_gflops'] / b16:.1f}% of bf16 peak "
@@ -604,6 +617,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-size", type=int, default=None, help="training prompts to draw from (default: conf/data)")
     p.add_argument("--skip-zero-adv", action="store_true", help="calibrl as shipped: skip rows with all-zero advantage")
     p.add_argument("--frameworks", default="calibrl,trl", help="comma-separated subset of calibrl,trl")
+    p.add_argument("--parallel", action="store_true", help="run the framework workers at once (timings contend: smoke tests only)")
     p.add_argument("--profile", action="store_true", help="one extra profiled step per framework (torch.profiler)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matmul-peak measurement")
     p.add_argument("--peak-sizes", default="1024,2048,4096", help="square matmul sizes for the peak")
@@ -629,22 +643,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error("TRL is not installed (pip install trl==1.16.0) or leave it out: --frameworks calibrl")
     fields = {f.name for f in dataclasses.fields(Workload)}
     w = Workload(**{k: v for k, v in vars(a).items() if k in fields})
+    if w.threads > 0:
+        import torch
+
+        torch.set_num_threads(w.threads)  # the peak is measured with the workers' thread count
     machine = _machine()
     started = time.time()
     peak = matmul_peak(tuple(int(n) for n in a.peak_sizes.split(",")), seconds=a.peak_seconds)
-    raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for f in frameworks:
-            fw = dataclasses.replace(w, profile_out=str(out.with_name(f"{out.stem}_profile_{f}.txt")))
-            raw[f] = _spawn(f, fw, Path(tmp))
+        jobs = {f: dataclasses.replace(w, profile_out=str(out.with_name(f"{out.stem}_profile_{f}.txt"))) for f in frameworks}
+        raw = _run_workers(jobs, Path(tmp), a.parallel)
     shapes = raw[frameworks[0]]["params"]
     peak["model_shapes_bf16"] = model_shape_peak(shapes["hidden"], shapes["intermediate"], shapes["vocab"],
                                                  tokens=w.micro_batch_size * w.max_new_tokens, seconds=a.peak_seconds)
+    peak["bf16_best"] = max(peak["bf16"]["peak_gflops"], *peak["model_shapes_bf16"].values())
     summary = {f: summarise(r) for f, r in raw.items()}
+    for s in summary.values():
+        s["training_share_of_bf16_peak"] = s["training_gflops"] / peak["bf16_best"]
+        s["generation_share_of_bf16_peak"] = s["generation_gflops"] / peak["bf16_best"]
     machine["load_avg_end"] = os.getloadavg()
     report = {
         "benchmark": "rl_step", "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "wall_s": time.time() - started, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "wall_s": time.time() - started, "parallel_workers": a.parallel, "command": " ".join(["benchmarks/rl_step.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine, "versions": _versions(), "workload": dataclasses.asdict(w),
         "matmul_peak": peak, "summary": summary, "runs": raw,
     }

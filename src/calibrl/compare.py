@@ -38,7 +38,8 @@ variation, which the std shows); no interval without predictions.
 
 - ``comparison.md`` / ``.csv``: the ``--stage`` eval (default ``final``).
 - ``comparison_best.md`` / ``.csv``: per seed, the best value of each metric over the run's eval
-  points, then aggregated as above. Directions (:data:`BEST`): accuracy, format rate and AUROC
+  points after RL started (RL step > 0: the raw and post-SFT evals are every arm's starting
+  point, not its result), then aggregated as above. Directions (:data:`BEST`): accuracy, format rate and AUROC
   are maximised, ECE and Brier minimised; confidence mean/std have no better direction and no
   best. Ties go to the earliest point. ``<metric>_at`` (CSV) names each seed's best point. The
   interval pools each seed's samples at its best point, so it is conditional on that selection

@@ -76,6 +76,7 @@ class DataConfig:
         default_factory=lambda: {"question": "question", "answer": "answer", "id": None, "slice": None}
     )
     verifier: str = "exact"
+    on_bad_row: str = "error"  # error | skip: a malformed row stops the run, or is left out and counted
     unanswerable: UnanswerableConfig = field(default_factory=UnanswerableConfig)
 
 
@@ -98,6 +99,10 @@ class PromptConfig:
 @dataclass
 class RewardConfig:
     weights: dict[str, float] = MISSING
+    # Verifier guard (calibrl.rewards.guard): seconds per answer in the worker process (null: in
+    # this process, no limit) and the longest answer that is verified (longer: incorrect).
+    verifier_timeout_s: Optional[float] = 5.0
+    max_answer_chars: int = 8192
 
 
 @dataclass
@@ -162,6 +167,8 @@ class TrainerConfig:
     save_every: int = 0  # RL steps between resumable checkpoints (0: none)
     keep_last: int = 2  # resumable checkpoints kept
     resume: Optional[str] = None  # null | auto | <checkpoint or run dir>
+    max_bad_steps_in_row: int = 3  # stop after this many non-finite RL steps in a row (0: never)
+    min_generation_batch: int = 1  # out of memory, generation is retried in halves down to this many prompts
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -286,7 +293,7 @@ def validate(cfg: DictConfig) -> None:
 
     try:
         completion_format(cfg)
-        RewardFunction(dict(cfg.reward.weights))
+        RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
         COMBINERS.get(cfg.objective.combine)
         for component in cfg.reward.weights:
             objective_of(component)
@@ -318,6 +325,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
         (cfg.trainer.save_every < 0, "trainer.save_every must be >= 0 (0: no resumable checkpoints)"),
         (cfg.trainer.keep_last < 1, "trainer.keep_last must be >= 1"),
+        (cfg.trainer.max_bad_steps_in_row < 0, "trainer.max_bad_steps_in_row must be >= 0 (0: never stop)"),
+        (cfg.trainer.min_generation_batch < 1, "trainer.min_generation_batch must be >= 1"),
+        (cfg.data.on_bad_row not in ("error", "skip"),
+         f"unknown data.on_bad_row {cfg.data.on_bad_row!r}; valid choices: error, skip"),
         (cfg.trainer.warmup_ratio is not None and cfg.trainer.warmup_steps != 0,
          f"trainer.warmup_ratio={cfg.trainer.warmup_ratio} and trainer.warmup_steps={cfg.trainer.warmup_steps} are "
          "both set; set one (trainer.warmup_steps=0 to use the ratio, trainer.warmup_ratio=null to use the steps)"),
@@ -346,3 +357,9 @@ def validate(cfg: DictConfig) -> None:
                       ("data.path", cfg.data.source == "hf" and cfg.data.path)):
         if path and _local_path(path) and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"{key} {path!r} does not exist")
+    from calibrl.models import ModelSpec, check_model_files
+
+    try:
+        check_model_files(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True)))
+    except TypeError as err:  # a key in model.tokenizer_from that is not a model setting
+        raise ConfigError(f"model.tokenizer_from: {err}") from err

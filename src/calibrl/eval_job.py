@@ -159,7 +159,7 @@ def validate_eval_job(cfg: DictConfig) -> EvalSettings:
 
     try:
         completion_format(cfg)
-        RewardFunction(dict(cfg.reward.weights))
+        RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
         settings = EvalSettings.from_config(cfg.eval)
         for name, node in _eval_sets(cfg).items():
             SOURCES.get(node.source)
@@ -278,7 +278,7 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
     model.to(device).eval()
     fmt = completion_format(cfg)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
-    reward_fn = RewardFunction(dict(cfg.reward.weights))
+    reward_fn = RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
     autocast = torch.bfloat16 if cfg.bf16 else None
     lg = cfg.logger
     tracker = Tracker(out_dir, resolved, mode=lg.mode, project=lg.project, entity=lg.entity, group=lg.group,

@@ -12,6 +12,9 @@
 - ``hf``: ``AutoModelForCausalLM.from_pretrained(name_or_path)`` (hub id or local dir).
 
 ``trust_remote_code`` is passed through and is ``False`` unless the config sets it.
+
+:func:`check_model_files` finds a missing local directory, GGUF package or GGUF file at start-up
+(``calibrl.config.validate``), before any data is built or any file written.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelSpec", "load_policy", "materialize_gguf"]
+__all__ = ["ModelSpec", "check_model_files", "load_policy", "materialize_gguf"]
 
 
 @dataclass
@@ -115,6 +118,43 @@ def materialize_gguf(package: str, gguf_file: str, target: Path) -> Path:
     return target
 
 
+def _is_local(path: str) -> bool:
+    return path.startswith((".", "/", "~"))
+
+
+def _tokenizer_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec of the model whose tokenizer ``model.kind=tiny`` uses (in the same cache)."""
+    return ModelSpec(**{"cache_dir": spec.cache_dir, **spec.tokenizer_from})
+
+
+def check_model_files(spec: ModelSpec) -> None:
+    """Check, without loading anything, that what :func:`load_policy` reads exists: a local
+    ``hf`` directory, and for ``gguf`` (also as ``tiny``'s ``tokenizer_from``) the package and
+    its GGUF file, unless the model is already materialized in ``cache_dir``.
+
+    Raises:
+        FileNotFoundError: the first thing missing (the message names the config key).
+        TypeError: ``tokenizer_from`` holds a key that is not a model setting.
+    """
+    specs = [("model", spec)]
+    if spec.kind == "tiny" and spec.tokenizer_from:
+        specs.append(("model.tokenizer_from", _tokenizer_spec(spec)))
+    for key, s in specs:
+        local = s.kind == "hf" and s.name_or_path and _is_local(s.name_or_path)
+        if local and not Path(s.name_or_path).expanduser().exists():
+            raise FileNotFoundError(f"{key}.name_or_path {s.name_or_path!r} does not exist")
+        if s.kind != "gguf" or not s.gguf_package or not s.gguf_file:
+            continue
+        if (Path(s.cache_dir).expanduser() / s.name / "config.json").is_file():
+            continue  # materialized already: the package is not read again
+        try:
+            src = _package_dir(s.gguf_package)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{key}.gguf_package: {err}") from err
+        if not (src / s.gguf_file).is_file():
+            raise FileNotFoundError(f"{key}.gguf_file {s.gguf_file!r} not found in package {s.gguf_package!r} at {src}")
+
+
 def _resolve(spec: ModelSpec) -> Path | str:
     if spec.kind == "gguf":
         if not spec.gguf_package or not spec.gguf_file:
@@ -124,9 +164,9 @@ def _resolve(spec: ModelSpec) -> Path | str:
         if not spec.name_or_path:
             raise ValueError("model.kind=hf needs model.name_or_path (a hub id or a local directory)")
         p = spec.name_or_path
-        if p.startswith((".", "/", "~")) and not Path(p).expanduser().exists():
+        if _is_local(p) and not Path(p).expanduser().exists():
             raise FileNotFoundError(f"model.name_or_path {p!r} does not exist")
-        return str(Path(p).expanduser()) if p.startswith((".", "/", "~")) else p
+        return str(Path(p).expanduser()) if _is_local(p) else p
     raise ValueError(f"unknown model.kind {spec.kind!r}; valid choices: gguf, hf, tiny")
 
 
@@ -154,8 +194,7 @@ def load_policy(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
     if spec.kind == "tiny":
         if not spec.tokenizer_from:
             raise ValueError("model.kind=tiny needs model.tokenizer_from (the model whose tokenizer to use)")
-        tok_spec = ModelSpec(**{"cache_dir": spec.cache_dir, **spec.tokenizer_from})
-        tokenizer = _load_tokenizer(_resolve(tok_spec), spec)
+        tokenizer = _load_tokenizer(_resolve(_tokenizer_spec(spec)), spec)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,

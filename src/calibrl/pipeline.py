@@ -13,6 +13,12 @@ log call, flushed each time), ``eval_<stage>.jsonl`` (per-sample predictions), `
 
 With several processes (DeepSpeed) rank 0 chooses the run directory and writes every file;
 see :mod:`calibrl.rl.grpo` for the data-parallel step.
+
+Non-finite steps: an RL step whose update was skipped as non-finite (:mod:`calibrl.rl.grpo`) is
+logged as usual but never checkpointed; after ``trainer.max_bad_steps_in_row`` of them in a row
+(or a non-finite gradient under DeepSpeed, whose update cannot be undone) the run stops without
+saving anything, with exit code :data:`EXIT_NON_FINITE` and one line naming the last good
+checkpoint and how to resume from it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +54,13 @@ from calibrl.rl.engine import TorchEngine
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_warmup
 from calibrl.sft_cache import load_sft_cache, save_sft_cache, sft_cache_dir
-from calibrl.tracking import Tracker
+from calibrl.tracking import Tracker, redact
 
-__all__ = ["run", "SUMMARY_METRICS"]
+__all__ = ["run", "EXIT_NON_FINITE", "SUMMARY_METRICS"]
 
 log = logging.getLogger(__name__)
+
+EXIT_NON_FINITE = 3  # the run stopped on non-finite steps (2: a configuration error, 143: SIGTERM)
 
 SUMMARY_METRICS = (
     "accuracy", "format_rate", "confidence_mean", "ece", "brier", "auroc", "aurc", "confident_error_rate",
@@ -143,6 +152,15 @@ class _SignalFlag:
             self._old = None
 
 
+def _non_finite_stop(run_dir: Path, rl_step: int, why: str) -> str:
+    """The one-line message of a run stopped on non-finite steps: why, the last good checkpoint
+    (the newest one: a non-finite step is never saved) and how to resume from it."""
+    last = find_checkpoint(run_dir)
+    where = (f"last good checkpoint: {last} (resume with trainer.resume={last}, e.g. with a lower trainer.lr)"
+             if last is not None else "no checkpoint was saved (trainer.save_every=N saves one every N RL steps)")
+    return f"stopped at RL step {rl_step}: {why}; nothing saved after it; {where}"
+
+
 def _resume_state(resume: str | None, run_dir: Path) -> CheckpointState | None:
     """The checkpoint ``trainer.resume`` names: ``None`` -> none; ``auto`` -> the newest one of
     ``run_dir`` if any; a path -> that checkpoint or the newest one of that run dir.
@@ -174,8 +192,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         device = resolve_device(cfg.trainer.device, dist_info().local_rank)
     except ValueError as err:
         raise ConfigError(err.args[0]) from err
-    if device.type == "cpu" and cfg.deepspeed.enabled:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by DeepSpeed when it is first imported
+    if device.type == "cpu":
+        # read by DeepSpeed when it is first imported (transformers may import it too)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = default_backend(device) if cfg.deepspeed.backend == "auto" else cfg.deepspeed.backend
     info = init_distributed(backend, always=cfg.deepspeed.enabled)
     if info.world_size > 1 and not cfg.deepspeed.enabled:
@@ -194,7 +213,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
     _seed_everything(cfg.seed)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # Credentials an interpolation put into the config (${oc.env:WANDB_API_KEY}) are never written.
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     if info.is_main:
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
 
@@ -205,7 +225,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     except (KeyError, ValueError) as err:  # a data mistake: bad task, file, field or size
         raise ConfigError(f"data: {err.args[0]}") from err
     log.info("data %s: %d train / %d eval examples", splits.name, len(splits.train), len(splits.eval))
-    reward_fn = RewardFunction(dict(cfg.reward.weights))
+    reward_fn = RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))  # weights + verifier guard
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     model, tokenizer = load_policy(spec)
     model.to(device)
@@ -242,6 +262,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     exit_code = 1
     preempted = _SignalFlag(signal.SIGTERM)
     try:
+        if resume is None and cfg.data.on_bad_row == "skip":
+            tracker.log({"data/skipped_rows": float(splits.skipped_rows)}, step=step)
         if resume is None:
             if cfg.eval.raw_model:
                 run_eval("raw")
@@ -328,9 +350,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             )
             log.info("checkpoint at RL step %d: %s", i, at)
 
+        def stop_non_finite(i: int, why: str, bar: Any) -> None:
+            message = _non_finite_stop(run_dir, i, why)
+            log.error(message)
+            bar.close()  # the progress bar's last redraw would come after the message otherwise
+            if info.is_main:
+                print(f"calibrl-train: {message}", file=sys.stderr)
+            raise SystemExit(EXIT_NON_FINITE)
+
         with tqdm(total=t.max_steps, initial=first - 1, desc="RL", unit="step") as bar:
             for i in range(first, t.max_steps + 1):
-                metrics = trainer.step()
+                try:
+                    metrics = trainer.step()
+                except FloatingPointError as err:  # DeepSpeed: the update was applied already
+                    exit_code = EXIT_NON_FINITE
+                    stop_non_finite(i, str(err), bar)
                 step += 1
                 tracker.log(metrics | {"train/rl_step": i}, step=step)
                 bar.update(1)
@@ -338,13 +372,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
                     acc=f"{metrics['train/accuracy']:.2f}", conf=f"{metrics['train/confidence_mean']:.2f}",
                     fmt=f"{metrics['train/format_rate']:.2f}", r=f"{metrics['rewards/total/mean']:.2f}",
                 )
+                bad = trainer.bad_steps_in_row
+                if t.max_bad_steps_in_row and bad >= t.max_bad_steps_in_row:
+                    exit_code = EXIT_NON_FINITE
+                    stop_non_finite(i, f"{bad} RL steps in a row had a non-finite loss or gradient "
+                                       f"(trainer.max_bad_steps_in_row={t.max_bad_steps_in_row})", bar)
                 if t.eval_every and i % t.eval_every == 0 and i < t.max_steps:
                     run_eval(f"step{i}")
                 stop = all_reduce_sum([float(preempted.raised)])[0] > 0  # a signal to any rank stops all
-                if (t.save_every and i % t.save_every == 0) or stop:
+                save = (t.save_every and i % t.save_every == 0) or stop
+                if save and bad:
+                    log.warning("RL step %d skipped its update as non-finite: not checkpointed", i)
+                elif save:
                     checkpoint(i)
                 if stop:
-                    print(f"SIGTERM: checkpoint saved at RL step {i}; resume with trainer.resume={run_dir}")
+                    saved = f"checkpoint saved at RL step {i}" if not bad else f"RL step {i} was non-finite: not saved"
+                    print(f"SIGTERM: {saved}; resume with trainer.resume={run_dir}")
                     exit_code = 128 + signal.SIGTERM
                     raise SystemExit(exit_code)
         run_eval("final")

@@ -7,7 +7,16 @@ which ``json.loads`` reads back.
 
 W&B: ``mode`` is ``offline`` (default; sync later with ``wandb sync <run dir>/wandb/offline-run-*``),
 ``online`` or ``disabled``. The resolved config is logged; the run is always finished, also when
-training raises.
+training raises. W&B is a second copy, never a reason to stop training: a W&B call that raises
+(at start-up, or mid-run: network, disk, a W&B bug) logs one warning that says how to sync what
+W&B recorded, turns W&B off for the rest of the run, and training goes on; the metrics file is
+written before W&B is called, so it stays complete.
+
+Credentials: the value of every environment variable whose name says it holds one (``*API_KEY*``,
+``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``, e.g. ``WANDB_API_KEY``, ``HF_TOKEN``) is replaced by
+``<NAME redacted>`` wherever calibrl writes text it did not make itself: the resolved config (a
+``${oc.env:...}`` interpolation resolves to the key), the W&B run fields and W&B error messages
+(:func:`redact`).
 """
 
 from __future__ import annotations
@@ -15,12 +24,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker"]
+__all__ = ["Tracker", "redact"]
 
 log = logging.getLogger(__name__)
+
+_SECRET_NAME = re.compile(r"API_?KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+_MIN_SECRET_LEN = 8  # shorter values ("1", "true") would redact ordinary text
+
+
+def redact(value: Any, env: Mapping[str, str] | None = None) -> Any:
+    """``value`` with every credential from ``env`` (default ``os.environ``) replaced by
+    ``<NAME redacted>``: in strings, and recursively in the keys and values of dicts, lists and
+    tuples. A credential is the value (8+ characters) of a variable whose name contains
+    ``API_KEY``, ``APIKEY``, ``TOKEN``, ``SECRET`` or ``PASSWORD`` (any case)."""
+    env = os.environ if env is None else env
+    secrets = sorted(((v, k) for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN),
+                     key=lambda s: -len(s[0]))  # longest first: a key that contains another is redacted whole
+    if not secrets:
+        return value
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, str):
+            for secret, name in secrets:
+                x = x.replace(secret, f"<{name} redacted>")
+            return x
+        if isinstance(x, dict):
+            return {clean(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(clean(v) for v in x)
+        return x
+
+    return clean(value)
 
 
 class Tracker:
@@ -67,6 +106,10 @@ class Tracker:
         self._last_step = -1
         self.records = 0  # records in the metrics file
         self.wandb_run = None
+        # Kept after a W&B failure turns the sink off: a checkpoint still names the run to resume,
+        # and the end-of-run message still names the directory to sync.
+        self._run_id: str | None = None
+        self._wandb_dir: str | None = None
         self._file = None
         if not writer:
             return
@@ -79,19 +122,38 @@ class Tracker:
         if mode != "disabled":
             import wandb
 
-            self.wandb_run = wandb.init(
+            self._wandb("start", lambda: self._start(wandb.init(
                 project=project,
                 entity=entity,
-                group=group,
-                name=name,
-                tags=tags,
+                group=redact(group),
+                name=redact(name),
+                tags=redact(tags),
                 job_type=job_type,
                 mode=mode,
                 dir=str(self.run_dir),
-                config=config,
+                config=redact(config),
                 id=run_id,
                 resume="allow" if run_id else None,
                 settings=wandb.Settings(quiet=True, console="off"),
+            )))
+
+    def _start(self, wandb_run: Any) -> None:
+        self.wandb_run, self._run_id = wandb_run, wandb_run.id
+        self._wandb_dir = str(Path(wandb_run.dir).parent)
+
+    def _wandb(self, what: str, call: Callable[[], Any]) -> None:
+        """Run a W&B ``call``; if it raises, warn once (how to sync, the error with credentials
+        redacted) and turn W&B off for the rest of the run."""
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - W&B raises many types (network, disk, its own bugs)
+            self.wandb_run = None  # not finished: finish() on a broken run may raise or block again
+            at = f"at step {self._last_step}" if self._last_step >= 0 else "before the first step"
+            sync = (f"Sync what W&B recorded with `wandb sync {self._wandb_dir}`" if self._wandb_dir else
+                    "For a W&B copy of later runs, use logger.mode=offline and `wandb sync` the run afterwards")
+            log.warning(
+                "W&B %s failed %s (%s: %s). Training continues without W&B; %s holds every step (from here "
+                "on only there). %s.", what, at, type(err).__name__, redact(str(err)), self.metrics_path, sync,
             )
 
     def _truncate(self, n: int) -> None:
@@ -116,13 +178,13 @@ class Tracker:
 
     @property
     def run_id(self) -> str | None:
-        """The W&B run id (``None`` without W&B)."""
-        return self.wandb_run.id if self.wandb_run is not None else None
+        """The W&B run id (``None`` when W&B is disabled or failed to start)."""
+        return self._run_id
 
     @property
     def wandb_dir(self) -> str | None:
-        """Local directory of the W&B run (the offline run to sync), or ``None``."""
-        return str(Path(self.wandb_run.dir).parent) if self.wandb_run is not None else None
+        """Local directory of the W&B run (the offline run to sync), or ``None`` (as :attr:`run_id`)."""
+        return self._wandb_dir
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record ``metrics`` at global ``step``.
@@ -140,7 +202,8 @@ class Tracker:
         self._file.flush()
         os.fsync(self._file.fileno())
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            run = self.wandb_run
+            self._wandb("log", lambda: run.log(metrics, step=step))
 
     def log_media(
         self, images: dict[str, Path], tables: dict[str, list[dict[str, Any]]], step: int | None = None
@@ -152,22 +215,29 @@ class Tracker:
             return
         import wandb
 
-        media: dict[str, Any] = {k: wandb.Image(str(p)) for k, p in images.items()}
-        for key, rows in tables.items():
-            columns = list(rows[0]) if rows else []
-            data = [[json.dumps(r[c]) if isinstance(r[c], (dict, list)) else r[c] for c in columns] for r in rows]
-            media[key] = wandb.Table(columns=columns, data=data)
-        self.wandb_run.log(media, step=step if step is not None else max(self._last_step, 0))
+        run = self.wandb_run
+
+        def send() -> None:
+            media: dict[str, Any] = {k: wandb.Image(str(p)) for k, p in images.items()}
+            for key, rows in tables.items():
+                columns = list(rows[0]) if rows else []
+                data = [[json.dumps(r[c]) if isinstance(r[c], (dict, list)) else r[c] for c in columns] for r in rows]
+                media[key] = wandb.Table(columns=columns, data=data)
+            run.log(media, step=step if step is not None else max(self._last_step, 0))
+
+        self._wandb("media log", send)
 
     def summary(self, values: dict[str, Any]) -> None:
         """Set W&B run summary values (e.g. final metrics)."""
         if self.wandb_run is not None:
-            self.wandb_run.summary.update(values)
+            run = self.wandb_run
+            self._wandb("summary", lambda: run.summary.update(values))
 
     def close(self, exit_code: int = 0) -> None:
         """Close the metrics file and finish the W&B run (safe to call twice)."""
         if self._file is not None and not self._file.closed:
             self._file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
+            run = self.wandb_run
+            self._wandb("finish", lambda: run.finish(exit_code=exit_code))
             self.wandb_run = None

@@ -10,7 +10,15 @@ Sources (``data.source``):
   (``question``, ``answer``, optional ``id`` and ``slice``). Verifier: ``data.verifier``. A
   single local file is one table: ``data.eval_split`` does not apply to it and ``eval_size`` rows
   are held out of it; a local directory (e.g. ``train.jsonl`` + ``test.jsonl``) or a hub id has
-  named splits.
+  named splits. A local ``.jsonl`` file is read line by line (row N is line N; blank lines are
+  not rows), so a bad line is named instead of failing the whole table.
+
+  Every row is checked when the splits are built, before any model is loaded: the question must
+  be a non-empty string and the answer a non-empty string or a number; a JSONL line must be a JSON
+  object. ``data.on_bad_row=error`` (default) stops with a message naming the file, the row and
+  the field; ``skip`` leaves the row out, counts it (``DataSplits.skipped_rows``, logged by the
+  pipeline as ``data/skipped_rows``) and warns once with the first few. A mapped column that no
+  row has is a mapping mistake and stops the run either way.
 
 Verifiers (``data.verifier``):
 
@@ -29,6 +37,9 @@ credit does not count as correct, since the Brier term needs a binary outcome).
 from __future__ import annotations
 
 import importlib
+import json
+import logging
+import math
 import random
 import re
 import string
@@ -39,7 +50,11 @@ from typing import Any
 
 from calibrl.registry import Registry
 
-__all__ = ["Example", "DataSplits", "SOURCES", "VERIFIERS", "build_splits"]
+__all__ = ["BAD_ROW_POLICIES", "Example", "DataSplits", "SOURCES", "VERIFIERS", "build_splits"]
+
+log = logging.getLogger(__name__)
+
+BAD_ROW_POLICIES = ("error", "skip")  # data.on_bad_row
 
 Verifier = Callable[[str, "Example"], float]
 
@@ -114,12 +129,14 @@ class DataSplits:
         train: training rows.
         eval: held-out rows, disjoint from ``train`` by question text.
         verify: ``verify(answer, example) -> score in [0, 1]``.
+        skipped_rows: malformed rows left out (``data.on_bad_row=skip``), both splits.
     """
 
     name: str
     train: list[Example]
     eval: list[Example]
     verify: Verifier
+    skipped_rows: int = 0
 
     def is_correct(self, answer: str | None, example: Example) -> bool:
         """Verifier verdict: score >= 1. ``None`` (no parsed answer) is never correct.
@@ -247,7 +264,35 @@ def reasoning_gym_source(
     return DataSplits(name, _disjoint(train_rows, eval_rows), eval_rows, verify)
 
 
-def _load_table(path: str, split: str, subset: str | None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Unreadable:
+    """A JSONL line that is not a JSON object (``why`` says what it is)."""
+
+    why: str
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """``(line number, parsed line)`` of every non-blank line; a line that is not UTF-8 or not
+    JSON is an :class:`_Unreadable` (the caller reports or skips it like any bad row)."""
+    rows: list[tuple[int, Any]] = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                rows.append((n, _Unreadable(f"could not be read as .jsonl (not UTF-8 text: {err.reason})")))
+                continue
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as err:
+                rows.append((n, _Unreadable(f"could not be read as .jsonl (not valid JSON: {err.msg}, column {err.colno})")))
+    return rows
+
+
+def _load_table(path: str, split: str, subset: str | None) -> list[tuple[int, Any]]:
+    """``(row number from 1, row)`` of every row of the table (module docstring)."""
     import datasets
 
     local = Path(path).expanduser()
@@ -257,6 +302,8 @@ def _load_table(path: str, split: str, subset: str | None) -> list[dict[str, Any
             raise ValueError(f"data.path {path!r}: unsupported file type; use one of {sorted(builders)}")
         if local.stat().st_size == 0:
             raise ValueError(f"data.path {path!r} is empty")
+        if local.suffix == ".jsonl":
+            return _read_jsonl(local)
         try:
             ds = datasets.load_dataset(builders[local.suffix], data_files=str(local), split="train")
         except Exception as err:  # noqa: BLE001 - datasets raises many types on malformed files
@@ -267,22 +314,58 @@ def _load_table(path: str, split: str, subset: str | None) -> list[dict[str, Any
         ds = datasets.load_dataset(str(local), subset, split=split)
     else:
         ds = datasets.load_dataset(path, subset, split=split)
-    return list(ds)
+    return list(enumerate(ds, start=1))
 
 
-def _rows_to_examples(rows: list[dict[str, Any]], fields: Mapping[str, str | None], split: str, where: str) -> list[Example]:
-    out = []
-    for i, row in enumerate(rows):
-        values = {}
-        for key in ("question", "answer"):
-            col = fields.get(key)
-            if not col or col not in row or row[col] is None or str(row[col]).strip() == "":
-                raise ValueError(f"{where}: row {i + 1} (1-based) has no value for field {key!r} (column {col!r})")
-            values[key] = str(row[col])
+def _row_problem(row: Any, fields: Mapping[str, str | None]) -> str | None:
+    """What is wrong with a row (the end of a sentence that starts with the row), or ``None``."""
+    if isinstance(row, _Unreadable):
+        return row.why
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object"
+    for key in ("question", "answer"):
+        col = fields.get(key)
+        value = row.get(col) if col else None
+        if value is None or (isinstance(value, float) and math.isnan(value)):  # NaN: an empty CSV/Parquet cell
+            return f"has no value for field {key!r} (column {col!r})"
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not isinstance(value, str) and not (key == "answer" and numeric):
+            kind = "a string or a number" if key == "answer" else "a string"
+            return f"field {key!r} (column {col!r}) holds a {type(value).__name__} ({str(value)[:40]!r}), not {kind}"
+        if str(value).strip() == "":
+            return f"has no value for field {key!r} (column {col!r})"
+    return None
+
+
+def _rows_to_examples(
+    rows: list[tuple[int, Any]], fields: Mapping[str, str | None], split: str, where: str, on_bad_row: str,
+) -> tuple[list[Example], int]:
+    """Examples of the well-formed rows, and the number of malformed rows skipped.
+
+    Raises:
+        ValueError: a mapped question/answer column no row has; with ``on_bad_row="error"``, the
+            first malformed row (the message names ``where``, the row number and the field).
+    """
+    readable = [r for _, r in rows if isinstance(r, dict)]
+    for key in ("question", "answer"):
+        col = fields.get(key)
+        if readable and not any(col in r for r in readable):
+            columns = sorted({k for r in readable for k in r})
+            raise ValueError(f"{where}: no row has column {col!r} (data.fields.{key}); columns: {', '.join(columns)}")
+    out, bad = [], []
+    for n, row in rows:
+        problem = _row_problem(row, fields)
+        if problem is not None:
+            message = f"{where}: row {n} (1-based) {problem}"
+            if on_bad_row == "error":
+                raise ValueError(f"{message} (data.on_bad_row=skip leaves such rows out)")
+            bad.append(message)
+            continue
+        values = {key: str(row[fields[key]]) for key in ("question", "answer")}
         id_col, slice_col = fields.get("id"), fields.get("slice")
         out.append(
             Example(
-                id=str(row[id_col]) if id_col and row.get(id_col) is not None else f"{split}-{i}",
+                id=str(row[id_col]) if id_col and row.get(id_col) is not None else f"{split}-{n - 1}",
                 question=values["question"],
                 answer=values["answer"],
                 slice=str(row[slice_col]) if slice_col and row.get(slice_col) is not None else "all",
@@ -290,7 +373,10 @@ def _rows_to_examples(rows: list[dict[str, Any]], fields: Mapping[str, str | Non
                 meta={"row": row},
             )
         )
-    return out
+    if bad:
+        log.warning("%s: skipped %d malformed rows (data.on_bad_row=skip), e.g.\n  %s", where, len(bad),
+                    "\n  ".join(bad[:3]))
+    return out, len(bad)
 
 
 # Verifiers that need an optional package: name -> (module, pip package).
@@ -323,6 +409,7 @@ def hf_source(
     train_split: str = "train",
     eval_split: str | None = None,
     subset: str | None = None,
+    on_bad_row: str = "error",
     **_: Any,
 ) -> DataSplits:
     """Build splits from a `datasets` table (hub id or local file).
@@ -330,22 +417,28 @@ def hf_source(
     With ``eval_split`` set, eval rows come from that split; otherwise, and always for a single
     local file (one table, no splits), ``eval_size`` rows are held out of ``train_split`` by a
     shuffle seeded with ``eval_seed``. Train rows are then shuffled with ``train_seed`` and cut
-    to ``train_size`` (0: an eval-only set, no train rows).
+    to ``train_size`` (0: an eval-only set, no train rows). Malformed rows (module docstring):
+    ``on_bad_row`` is ``error`` or ``skip``.
 
     Raises:
         FileNotFoundError: a local path that does not exist.
-        ValueError: a row misses the question or answer field (message names path, row, field),
-            or the verifier's optional package is not installed (``math_verify``).
+        ValueError: a malformed row with ``on_bad_row="error"`` (message names path, row, field),
+            a mapped column no row has, an unknown ``on_bad_row``, or the verifier's optional
+            package is not installed (``math_verify``).
         KeyError: unknown verifier.
     """
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"unknown data.on_bad_row {on_bad_row!r}; valid choices: {', '.join(BAD_ROW_POLICIES)}")
     verify = VERIFIERS.get(verifier)
     _require_verifier_package(verifier)
     # A local file is one table: no splits to read or to name in messages.
     single_file = Path(path).expanduser().is_file()
     where = path if single_file else f"{path}[{train_split}]"
-    rows = _rows_to_examples(_load_table(path, train_split, subset), fields, "train", where)
+    rows, skipped = _rows_to_examples(_load_table(path, train_split, subset), fields, "train", where, on_bad_row)
     if eval_split and not single_file:
-        held = _rows_to_examples(_load_table(path, eval_split, subset), fields, "eval", f"{path}[{eval_split}]")
+        held, skipped_eval = _rows_to_examples(_load_table(path, eval_split, subset), fields, "eval",
+                                               f"{path}[{eval_split}]", on_bad_row)
+        skipped += skipped_eval
         random.Random(eval_seed).shuffle(held)
         held = held[:eval_size]
         train = rows
@@ -358,7 +451,7 @@ def hf_source(
     train = _disjoint(train, held)[:train_size]
     if (train_size > 0 and not train) or not held:
         raise ValueError(f"{path}: {len(train)} train and {len(held)} eval rows; both splits need rows")
-    return DataSplits(name, train, held, verify)
+    return DataSplits(name, train, held, verify, skipped_rows=skipped)
 
 
 def build_splits(source: str, unanswerable: Mapping[str, Any] | None = None, **kwargs: Any) -> DataSplits:

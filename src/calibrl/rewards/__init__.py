@@ -1,4 +1,5 @@
-"""Completion parsing and reward components (pure functions over parsed completions)."""
+"""Completion parsing, the verifier guard and reward components (pure functions over parsed
+completions)."""
 
 from calibrl.rewards.components import (
     COMPONENTS,
@@ -8,15 +9,18 @@ from calibrl.rewards.components import (
     reward_metrics,
     weighted_sum,
 )
+from calibrl.rewards.guard import GuardedVerdicts, VerifierGuard
 from calibrl.rewards.parsing import CompletionFormat, ParsedCompletion, parse_completion, parse_confidence
 
 __all__ = [
     "COMPONENTS",
     "CompletionFormat",
+    "GuardedVerdicts",
     "ParsedCompletion",
     "RewardBatch",
     "RewardComponent",
     "RewardFunction",
+    "VerifierGuard",
     "parse_completion",
     "parse_confidence",
     "reward_metrics",

@@ -45,11 +45,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from calibrl.registry import Registry
+from calibrl.rewards.guard import DEFAULT_MAX_ANSWER_CHARS, DEFAULT_TIMEOUT_S, VerifierGuard
 from calibrl.rewards.parsing import ParsedCompletion
 from calibrl.rewards.scoring_rules import SCORING_RULES
 
@@ -163,6 +165,10 @@ class RewardBatch:
         correct: verifier verdicts, bool ``[N]`` (False on a format failure).
         format_ok: bool ``[N]``.
         confidence: stated confidence, float64 ``[N]``, NaN where the format failed.
+        counters: per-batch counts of the verifier guard, metric key -> count
+            (:data:`calibrl.rewards.guard.COUNTERS`: ``rewards/verifier_timeouts``,
+            ``rewards/verifier_too_long``, ``rewards/verifier_errors``); filled by
+            :func:`calibrl.scoring.score_completions`, empty when the batch was scored directly.
     """
 
     components: dict[str, np.ndarray]
@@ -170,6 +176,7 @@ class RewardBatch:
     correct: np.ndarray
     format_ok: np.ndarray
     confidence: np.ndarray
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 class RewardFunction:
@@ -178,6 +185,9 @@ class RewardFunction:
     Args:
         weights: component name -> weight (``reward.weights`` in the config). Names must be in
             :data:`COMPONENTS`.
+        guard: size cap and time limit of the verifier calls that decide ``correct``
+            (:mod:`calibrl.rewards.guard`; default: 5 s per answer, answers up to 8192 characters).
+            :func:`calibrl.scoring.score_completions` verifies through it.
 
     Raises:
         KeyError: unknown component (the message lists the valid ones).
@@ -186,7 +196,8 @@ class RewardFunction:
             the ``abstention`` weight is negative or not below the ``correctness`` weight.
     """
 
-    def __init__(self, weights: Mapping[str, float]) -> None:
+    def __init__(self, weights: Mapping[str, float], guard: VerifierGuard | None = None) -> None:
+        self.guard = guard if guard is not None else VerifierGuard()
         if not weights:
             raise ValueError("reward.weights is empty: name at least one component")
         self.weights = {k: float(v) for k, v in weights.items()}
@@ -214,6 +225,19 @@ class RewardFunction:
                 f"below the lowest well-formed total {self.lowest_well_formed:g}; give the 'format' "
                 "component a positive weight"
             )
+
+    @classmethod
+    def from_config(cls, reward: Mapping[str, Any]) -> RewardFunction:
+        """The reward function of the ``reward`` config group: ``weights``, and the guard's
+        ``verifier_timeout_s`` (null: no time limit) and ``max_answer_chars`` (defaults as
+        :class:`~calibrl.rewards.guard.VerifierGuard` where absent).
+
+        Raises:
+            KeyError, ValueError: as the constructor and :class:`VerifierGuard`.
+        """
+        guard = VerifierGuard(reward.get("verifier_timeout_s", DEFAULT_TIMEOUT_S),
+                              reward.get("max_answer_chars", DEFAULT_MAX_ANSWER_CHARS))
+        return cls(dict(reward["weights"]), guard)
 
     def __call__(self, parsed: list[ParsedCompletion], correct: list[bool]) -> RewardBatch:
         """Score N completions.

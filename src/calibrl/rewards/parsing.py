@@ -9,19 +9,46 @@ Policy, in the order it is checked (the first failure is the reported ``error``)
 
 1. Only the completion is parsed, never the prompt.
 2. ``<think>`` and ``<analysis>`` blocks are *scratch space*: their contents are removed before
-   the answer and confidence are looked for, so tags written inside them are ignored. An opened
-   but unclosed scratch block is a format failure.
+   the answer and confidence are looked for, so tags written inside them are ignored. A block
+   runs from an opening tag to the first closing tag of the same name after it. An opened but
+   unclosed scratch block is a format failure.
 3. Exactly one top-level ``<answer>…</answer>`` and exactly one ``<confidence>…</confidence>``
    are required; missing, unclosed or duplicated tags are format failures. The answer must close
    before the confidence opens.
-4. The answer, stripped of surrounding whitespace, must be non-empty.
+4. The answer, stripped of surrounding whitespace, must hold a visible character: an answer of
+   only whitespace, control characters (NUL) and invisible format characters (zero-width space,
+   BOM, word joiner) is an empty answer.
 5. The confidence is a decimal in [0, 1] (``"0.85"``, ``" .85 "``, ``"0.85."`` with one trailing
-   period, ``"1e-3"``) or a percentage written with ``%`` (``"85%"`` -> 0.85). Words, bare
-   numbers above 1 without ``%``, non-finite values and values outside [0, 1] are format failures.
+   period, ``"1e-3"``) or a percentage written with ``%`` (``"85%"`` -> 0.85). Words, fractions
+   (``"3/4"``), bare numbers above 1 without ``%``, non-finite values, values outside [0, 1] and
+   anything over :data:`MAX_CONFIDENCE_CHARS` characters after trimming are format failures.
    Only ASCII digits are read (``float`` would accept other scripts' digits; we do not).
 
 A format failure returns ``confidence=None`` even when an answer was found, so nothing downstream
-can score an unparseable confidence.
+can score an unparseable confidence; every format failure gets the same, lowest reward
+(:mod:`calibrl.rewards.components`).
+
+Reward-hacking probes (``tests/test_reward_probes.py`` pins each outcome and its reward; under
+``reward=rlcr`` a format failure totals ``0 - 1 + 0 = -1``, the least any completion can get):
+
+=============================================  ==============================================
+completion                                     outcome
+=============================================  ==============================================
+the answer repeated in several top-level tags  format failure ("2 top-level <answer> tags"),
+                                               even when every copy is the right answer
+a second answer or confidence inside <think>   ignored: only the top-level tags count
+confidence only inside <think> / <analysis>    format failure ("missing <confidence>")
+confidence as a fraction ("3/4") or a word     format failure ("confidence is not a number")
+("high", "certain")
+empty or invisible answer with confidence 0    format failure ("empty answer"), not the
+                                               ``+0.5`` a wrong answer stated at 0 earns
+the format's tags echoed from the prompt       a second top-level tag: format failure
+=============================================  ==============================================
+
+Cost: :func:`parse_completion` is linear in the text length (one scan for tags, then lookups),
+whatever the text holds: thousands of unclosed tags or a megabyte of spaces take milliseconds
+(regular expressions with lazy ``.*?`` blocks or adjacent ``\\s*`` would be quadratic or cubic
+there, and the policy would find it).
 
 Abstention (off unless :attr:`CompletionFormat.abstain` is set, ``prompt.abstain_phrase``): a
 well-formed completion whose answer equals the abstain phrase after trimming, case-folding,
@@ -33,20 +60,37 @@ stated confidence is the probability that the *response* is correct, see
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["CompletionFormat", "ParsedCompletion", "normalize_answer", "parse_completion", "parse_confidence"]
+__all__ = [
+    "MAX_CONFIDENCE_CHARS",
+    "CompletionFormat",
+    "ParsedCompletion",
+    "normalize_answer",
+    "parse_completion",
+    "parse_confidence",
+]
 
-# A decimal with optional exponent, then optional '%', then at most one trailing period.
+MAX_CONFIDENCE_CHARS = 64
+"""Longest confidence text, after trimming, that is read as a number (``"0.85"`` is 4); longer is
+a format failure. It bounds the work of reading a confidence however the policy pads it."""
+
+# On trimmed text: a decimal with optional exponent, then optional '%', then at most one
+# trailing period. (No leading/trailing \s*: adjacent \s* runs backtrack cubically on padding.)
 _NUMBER = re.compile(
-    r"""^\s*
-    (?P<num>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)
-    \s*(?P<pct>%)?\s*\.?\s*$""",
+    r"""(?P<num>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)
+    \s*(?P<pct>%)?\s*\.?""",
     re.VERBOSE,
 )
+
+# Unicode categories that print nothing: controls (NUL), format characters (zero-width space,
+# BOM), separators. An answer made only of these is empty.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True)
@@ -115,11 +159,12 @@ def parse_confidence(text: str) -> tuple[float | None, str | None]:
         ``(q, None)`` with q in [0, 1], or ``(None, reason)`` when ``text`` is not a valid
         confidence under the module's policy.
     """
-    if not text.strip():
+    stripped = text.strip()
+    if not stripped:
         return None, "empty confidence"
-    m = _NUMBER.match(text)
+    m = _NUMBER.fullmatch(stripped) if len(stripped) <= MAX_CONFIDENCE_CHARS else None
     if m is None:
-        return None, f"confidence is not a number: {text.strip()[:40]!r}"
+        return None, f"confidence is not a number: {stripped[:40]!r}"
     value = float(m.group("num"))
     if not math.isfinite(value):
         return None, "confidence is not finite"
@@ -133,17 +178,15 @@ def parse_confidence(text: str) -> tuple[float | None, str | None]:
 
 
 @lru_cache(maxsize=8)
-def _patterns(fmt: CompletionFormat) -> dict[str, re.Pattern[str]]:
-    def block(tag: str) -> re.Pattern[str]:
-        return re.compile(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", re.DOTALL)
+def _tag_pattern(fmt: CompletionFormat) -> re.Pattern[str]:
+    """Every opening or closing tag of the format; tags hold no ``<``, so they never overlap and
+    one ``finditer`` finds them all."""
+    names = sorted({fmt.think, fmt.analysis, fmt.answer, fmt.confidence}, key=len, reverse=True)
+    return re.compile(rf"<(/?)({'|'.join(map(re.escape, names))})>")
 
-    return {
-        "scratch": re.compile(
-            rf"<(?P<tag>{re.escape(fmt.think)}|{re.escape(fmt.analysis)})>.*?</(?P=tag)>", re.DOTALL
-        ),
-        "answer": block(fmt.answer),
-        "confidence": block(fmt.confidence),
-    }
+
+def _has_visible_char(text: str) -> bool:
+    return any(unicodedata.category(ch) not in _INVISIBLE for ch in text)
 
 
 def parse_completion(text: str, fmt: CompletionFormat = CompletionFormat()) -> ParsedCompletion:
@@ -154,49 +197,98 @@ def parse_completion(text: str, fmt: CompletionFormat = CompletionFormat()) -> P
         fmt: tag names; the default is ``<think>/<answer>/<analysis>/<confidence>``.
 
     Returns:
-        A :class:`ParsedCompletion`. Never raises on any string input.
+        A :class:`ParsedCompletion`. Never raises on any string input; linear time in its length.
 
     Raises:
         TypeError: ``text`` is not a ``str``.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_completion expects a str, got {type(text).__name__}")
-    pats = _patterns(fmt)
+    # One pass collects every tag: (start, end) per opening and per closing tag name.
+    opens: dict[str, list[tuple[int, int]]] = {}
+    closes: dict[str, list[tuple[int, int]]] = {}
+    for m in _tag_pattern(fmt).finditer(text):
+        (closes if m.group(1) else opens).setdefault(m.group(2), []).append(m.span())
 
-    # Scratch blocks become spaces of the same length, so offsets into `text` stay valid; one
-    # pass, linear in the text length however many blocks it holds.
-    visible = pats["scratch"].sub(lambda m: " " * (m.end() - m.start()), text)
-    for tag in (fmt.think, fmt.analysis):
-        if f"<{tag}>" in visible:
+    # Scratch blocks, left to right: an opening scratch tag outside earlier blocks starts a block
+    # that ends at the first closing tag of its name after it; with none it stays visible
+    # (unclosed). `blocks` are disjoint (start, end) spans in order.
+    scratch = (fmt.think, fmt.analysis)
+    close_starts = {tag: [s for s, _ in closes.get(tag, [])] for tag in scratch}
+    candidates = sorted((span, tag) for tag in set(scratch) for span in opens.get(tag, []))
+    blocks: list[tuple[int, int]] = []
+    unclosed: set[str] = set()
+    for (start, end), tag in candidates:
+        if blocks and start < blocks[-1][1]:
+            continue  # inside an earlier block
+        i = bisect.bisect_left(close_starts[tag], end)
+        if i == len(close_starts[tag]):
+            unclosed.add(tag)
+        else:
+            blocks.append((start, closes[tag][i][1]))
+    for tag in scratch:
+        if tag in unclosed:
             return ParsedCompletion(None, None, False, f"unclosed <{tag}>")
 
-    answers = list(pats["answer"].finditer(visible))
-    answer, answer_span = None, None
-    if len(answers) == 1 and visible.count(f"<{fmt.answer}>") == 1:
-        answer_span = answers[0].span(1)
-        # Read from the blanked text: a scratch block nested inside the answer is not answer text.
-        answer = visible[answer_span[0] : answer_span[1]].strip()
+    block_starts = [s for s, _ in blocks]
+
+    def visible(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The tag spans that lie outside every scratch block."""
+        out = []
+        for s, e in spans:
+            i = bisect.bisect_right(block_starts, s) - 1
+            if i < 0 or blocks[i][1] <= s:
+                out.append((s, e))
+        return out
+
+    def blank(start: int, end: int) -> str:
+        """``text[start:end]`` with the scratch blocks in it turned to spaces."""
+        # The tags around [start, end) are visible, so every block meeting it lies inside it.
+        parts, pos = [], start
+        for s, e in blocks[bisect.bisect_left(block_starts, start) :]:
+            if s >= end:
+                break
+            parts += [text[pos:s], " " * (e - s)]
+            pos = e
+        parts.append(text[pos:end])
+        return "".join(parts)
+
+    tags = {
+        tag: (visible(opens.get(tag, [])), visible(closes.get(tag, [])))
+        for tag in (fmt.answer, fmt.confidence)
+    }
+
+    def body(tag: str) -> tuple[int, int] | None:
+        """The contents span of the tag's block when it opens exactly once (top level) and a
+        closing tag follows it, else ``None``."""
+        o, c = tags[tag]
+        if len(o) != 1:
+            return None
+        i = bisect.bisect_left([s for s, _ in c], o[0][1])
+        return (o[0][1], c[i][0]) if i < len(c) else None
+
+    answer_span = body(fmt.answer)
+    # Read from the blanked text: a scratch block nested inside the answer is not answer text.
+    answer = blank(*answer_span).strip() if answer_span is not None else None
 
     def fail(reason: str) -> ParsedCompletion:
         return ParsedCompletion(answer, None, False, reason, answer_span, None)
 
     for tag in (fmt.answer, fmt.confidence):
-        opens = visible.count(f"<{tag}>")
-        closes = visible.count(f"</{tag}>")
-        if opens == 0 and closes == 0:
+        n_open, n_close = (len(x) for x in tags[tag])
+        if n_open == 0 and n_close == 0:
             return fail(f"missing <{tag}>")
-        if opens != closes:
+        if n_open != n_close:
             return fail(f"unclosed or unmatched <{tag}>")
-        if opens > 1:
-            return fail(f"{opens} top-level <{tag}> tags (exactly one required)")
-    confs = list(pats["confidence"].finditer(visible))
-    if len(answers) != 1 or len(confs) != 1:
+        if n_open > 1:
+            return fail(f"{n_open} top-level <{tag}> tags (exactly one required)")
+    conf_span = body(fmt.confidence)
+    if answer_span is None or conf_span is None:
         return fail("answer and confidence tags are not well nested")
-    if not answer:
+    if not answer or not _has_visible_char(answer):
         return fail("empty answer")
-    if answers[0].end() > confs[0].start():
+    if answer_span[1] + len(f"</{fmt.answer}>") > conf_span[0] - len(f"<{fmt.confidence}>"):
         return fail("confidence must come after the answer")
-    conf_span = confs[0].span(1)
     q, reason = parse_confidence(text[conf_span[0] : conf_span[1]])
     if q is None:
         return fail(reason or "invalid confidence")

@@ -6,7 +6,9 @@ The algorithm, exactly as implemented (one RL step):
    reshuffled-every-epoch stream.
 2. **Rollouts.** Sample G = ``algo.group_size`` completions per prompt with HF ``generate``
    (temperature ``algo.temperature``, top-p ``algo.top_p``, at most ``algo.max_new_tokens``
-   tokens, stopping once ``</confidence>`` is written).
+   tokens, stopping once ``</confidence>`` is written). Out of memory, the step's prompts are
+   generated in halves, down to ``trainer.min_generation_batch`` prompts per call
+   (:func:`calibrl.rl.rollout.generate_rollout`; counted in ``perf/generation_oom_retries``).
 3. **Rewards.** Parse every completion (:func:`calibrl.rewards.parse_completion`), take its
    verdict (:func:`calibrl.scoring.verdict`: the task's verifier on the parsed answer; with
    ``prompt.abstain_phrase`` an abstention is right exactly on unanswerable questions), compute
@@ -37,8 +39,14 @@ The algorithm, exactly as implemented (one RL step):
    ``train/truncated_fraction`` either way.
 6. **Update.** Gradients accumulated over micro-batches of ``trainer.micro_batch_size``
    completions, clipped to ``trainer.max_grad_norm``, AdamW step, LR schedule step. Forward and
-   backward under bf16 autocast when ``trainer.bf16``. A step whose gradient norm is non-finite
-   is skipped (counted in ``train/skipped_steps``).
+   backward under bf16 autocast when ``trainer.bf16``. A non-finite step is skipped and counted
+   in ``train/skipped_steps``: a micro-batch loss that is not finite skips its backward and the
+   rest of the step (gradients zeroed, no optimizer or scheduler step), and so does a non-finite
+   gradient norm. ``train/bad_steps_in_row`` counts consecutive RL steps with a skipped update;
+   the pipeline stops the run at ``trainer.max_bad_steps_in_row`` (:mod:`calibrl.pipeline`).
+   Under DeepSpeed nothing can be skipped (every rank must run every micro-batch, and DeepSpeed
+   applies the update itself): a non-finite loss makes the gradient norm non-finite, which
+   raises ``FloatingPointError`` and stops the run.
 
 Data parallel (``deepspeed=zero1|zero2|zero3|zero3_offload``, W processes): each rank takes ``B / W`` whole prompts of
 the step (groups never span ranks), runs every rollout row (no skipping: DeepSpeed's collectives
@@ -104,6 +112,8 @@ class GRPOSettings:
         ppo_epochs: optimizer steps per rollout batch.
         micro_batch_size: completions per forward/backward.
         bf16: bf16 autocast for generation, forward and backward.
+        min_generation_batch: out of memory, rollouts are generated in halves down to this many
+            prompts per ``generate`` call.
     """
 
     group_size: int = 8
@@ -123,6 +133,7 @@ class GRPOSettings:
     ppo_epochs: int = 1
     micro_batch_size: int = 32
     bf16: bool = True
+    min_generation_batch: int = 1
 
 
 def _live_groups(advantages: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
@@ -205,7 +216,9 @@ class GRPOTrainer:
         self.train_examples, self.seed, self.dist = train_examples, seed, dist
         self.stream = example_stream(train_examples, seed)
         self.consumed = 0  # examples taken from the stream: the data position of a checkpoint
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # optimizer steps skipped as non-finite, over the run
+        self.bad_steps_in_row = 0  # consecutive RL steps with a skipped optimizer step
+        self.oom_retries = 0  # generate calls of the current step split after running out of memory
         self.autocast_dtype = torch.bfloat16 if settings.bf16 else None
 
     def state_dict(self) -> dict[str, int]:
@@ -234,7 +247,12 @@ class GRPOTrainer:
                 top_p=self.s.top_p,
                 stop_string=f"</{self.prompts.fmt.confidence}>",
                 autocast_dtype=self.autocast_dtype,
+                min_prompts=self.s.min_generation_batch,
+                on_oom=self._count_oom,
             )
+
+    def _count_oom(self, n_prompts: int) -> None:
+        self.oom_retries += 1
 
     def score(self, rollout: Rollout, examples: list[Example]):
         """Parse, verify and reward every completion (step 3).
@@ -278,7 +296,8 @@ class GRPOTrainer:
 
         Returns:
             ``loss``, ``clip_fraction``, ``grad_norm``, and ``kl`` (mean k3 estimate per
-            completion token) when ``beta > 0``.
+            completion token) when ``beta > 0``; ``loss`` and ``grad_norm`` are NaN for an
+            update skipped on a non-finite loss.
         """
         s = self.s
         nonzero = advantages != 0 if advantages.ndim == 1 else (advantages != 0).any(dim=1)
@@ -300,7 +319,8 @@ class GRPOTrainer:
         skip = s.beta == 0 and not self.engine.collective
         active = torch.nonzero(nonzero).flatten() if skip else torch.arange(len(rollout))
         out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if s.beta > 0 else {})
-        if active.numel() == 0:
+        if active.numel() == 0:  # nothing to learn from, nothing that could go wrong
+            self.bad_steps_in_row = 0
             return out
         sub = rollout.select(active)
         adv = advantages[active]
@@ -311,9 +331,11 @@ class GRPOTrainer:
         if s.beta > 0:
             ref = [self._logprobs(self.reference, sub.select(c), grad=False) for c in chunks]
         self.policy.train()
+        skipped = False
         for _ in range(s.ppo_epochs):
             self.engine.zero_grad()
             loss_sum = clipped = kl_sum = 0.0
+            finite = True
             for k, c in enumerate(chunks):
                 mb = sub.select(c)
                 logp = self._logprobs(self.policy, mb, grad=True)  # on the policy's device
@@ -331,14 +353,25 @@ class GRPOTrainer:
                     beta=s.beta,
                     ref_logp=ref[k] if ref is not None else None,
                 )
+                if not self.engine.collective and not torch.isfinite(res.loss):
+                    # Its backward would only put NaN into every gradient: skip it and the step.
+                    # (A collective engine must run every micro-batch; its step() raises instead.)
+                    finite = False
+                    break
                 # DeepSpeed averages gradients over ranks; the loss is normalised globally, so x W
                 self.engine.backward(res.loss * world if world > 1 else res.loss)
                 loss_sum += float(res.loss.detach())
                 clipped += float(res.clipped_tokens)
                 kl_sum += float(res.kl_sum)
-            grad_norm = self.engine.step()
+            if finite:
+                grad_norm = self.engine.step()
+            else:
+                self.engine.zero_grad()  # the micro-batches before the bad one
+                grad_norm = loss_sum = math.nan
             if not math.isfinite(grad_norm):
                 self.skipped_steps += 1
+                skipped = True
+        self.bad_steps_in_row = self.bad_steps_in_row + 1 if skipped else 0
         loss_sum, clipped, kl_sum = all_reduce_sum([loss_sum, clipped, kl_sum])
         out.update(loss=loss_sum, clip_fraction=clipped / n_tokens, grad_norm=grad_norm)
         if s.beta > 0:
@@ -348,6 +381,7 @@ class GRPOTrainer:
     def step(self) -> dict[str, float]:
         """One RL step; returns the metrics to log (see ``train/``, ``rewards/``, ``perf/``)."""
         t0 = time.perf_counter()
+        self.oom_retries = 0
         step_examples = [next(self.stream) for _ in range(self.s.prompts_per_step)]
         self.consumed += len(step_examples)
         share = len(step_examples) // self.dist.world_size  # each rank: its own prompts, whole groups
@@ -372,6 +406,7 @@ class GRPOTrainer:
                           else torch.zeros(len(rollout), dtype=torch.bool)).numpy(),
             "zero_adv_groups": _zero_adv_group_fraction(advantages, rollout.group_index) * len(examples),
             "adv_abs_sum": float(advantages.abs().sum()), "times": (t1 - t0, t2 - t1, t3 - t2),
+            "oom_retries": self.oom_retries,
         })
 
         def cat(key: str) -> np.ndarray:
@@ -397,11 +432,14 @@ class GRPOTrainer:
             # per completion token
             "train/advantage_abs_mean": sum(p["adv_abs_sum"] for p in parts) / max(float(length.sum()), 1.0),
             "train/skipped_steps": float(self.skipped_steps),
+            "train/bad_steps_in_row": float(self.bad_steps_in_row),
             "train/lr": self.engine.lr(),
             "perf/generate_s": gen_s,
             "perf/score_s": score_s,
             "perf/update_s": update_s,
             "perf/step_s": gen_s + score_s + update_s,
             "perf/rollout_tokens_per_s": float(length.sum()) / max(gen_s, 1e-9),
+            "perf/generation_oom_retries": float(sum(p["oom_retries"] for p in parts)),
+            **dict(zip(rewards.counters, all_reduce_sum([float(v) for v in rewards.counters.values()]))),  # guard counts
         }
         return metrics

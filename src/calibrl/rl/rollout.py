@@ -7,18 +7,31 @@ training forward sees the same positions as ``generate`` did.
 Devices: a :class:`Rollout` lives on the CPU (parsing, rewards and metrics read it there); the
 model's inputs are moved to the model's device (:func:`calibrl.device.module_device`), and
 log-probs come back on that device.
+
+Out of memory during generation: :func:`generate_rollout` retries the prompts in two halves (and
+those in halves, ...) down to ``min_prompts`` prompts per ``generate`` call, and concatenates the
+parts into the rollout one call would have made (same rows in the same order, groups kept whole;
+only the padding widths can differ, which positions and masks make invisible to the model).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from calibrl.device import autocast, module_device
 
-__all__ = ["Rollout", "generate_rollout", "completion_logprobs"]
+__all__ = ["Rollout", "concat_rollouts", "generate_rollout", "completion_logprobs", "is_out_of_memory"]
+
+log = logging.getLogger(__name__)
+
+# What a failed allocation says: CUDA/MPS ("... out of memory"), the CPU allocator ("can't allocate memory").
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
 @dataclass
@@ -99,7 +112,43 @@ def _truncated(ids: torch.Tensor, texts: list[str], end_ids: set[int], stop: str
     ], dtype=torch.bool)
 
 
-@torch.no_grad()
+def is_out_of_memory(err: BaseException) -> bool:
+    """``err`` is a failed allocation: ``torch.OutOfMemoryError`` (CUDA), or a ``RuntimeError``
+    whose message says so (the CPU and MPS allocators raise plain ``RuntimeError``)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _OOM_MESSAGES)
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of ``parts``' rows in order: prompts left-padded and completions right-padded
+    to the widest part (``pad_token_id``, mask 0), group indices offset so that they stay
+    0, 1, ... over the whole batch."""
+    width_p = max(r.prompt_ids.shape[1] for r in parts)
+    width_c = max(r.completion_ids.shape[1] for r in parts)
+    offsets, n = [], 0
+    for r in parts:
+        offsets.append(n)
+        n += int(r.group_index.max()) + 1 if len(r) else 0
+    truncated = None if any(r.truncated is None for r in parts) else torch.cat([r.truncated for r in parts])
+
+    def left(x: torch.Tensor, value: int) -> torch.Tensor:  # [n, p] -> [n, width_p]
+        return F.pad(x, (width_p - x.shape[1], 0), value=value)
+
+    def right(x: torch.Tensor, value: int) -> torch.Tensor:  # [n, l] -> [n, width_c]
+        return F.pad(x, (0, width_c - x.shape[1]), value=value)
+
+    return Rollout(
+        prompt_ids=torch.cat([left(r.prompt_ids, pad_token_id) for r in parts]),
+        prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in parts]),
+        completion_ids=torch.cat([right(r.completion_ids, pad_token_id) for r in parts]),
+        completion_mask=torch.cat([right(r.completion_mask, 0) for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+        group_index=torch.cat([r.group_index + o for r, o in zip(parts, offsets)]),
+        truncated=truncated,
+    )
+
+
 def generate_rollout(
     model: Any,
     tokenizer: Any,
@@ -112,6 +161,8 @@ def generate_rollout(
     do_sample: bool = True,
     stop_string: str | None = "</confidence>",
     autocast_dtype: torch.dtype | None = None,
+    min_prompts: int = 1,
+    on_oom: Callable[[int], None] | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for each prompt with ``model.generate``.
 
@@ -122,10 +173,54 @@ def generate_rollout(
         stop_string: generation stops once it has been written (saves tokens after the format).
         autocast_dtype: e.g. ``torch.bfloat16`` for autocast on the model's device, ``None`` for
             full precision.
+        min_prompts: out of memory on more than this many prompts, the prompts are generated in
+            two halves (recursively; no part smaller than this while prompts remain), and the
+            parts concatenated (module docstring). At or below it the error is raised.
+        on_oom: called with the number of prompts of each ``generate`` call that ran out of
+            memory and was split (after a warning is logged).
 
     Returns:
         A :class:`Rollout` of ``B*G`` completions, on the CPU.
+
+    Raises:
+        torch.OutOfMemoryError / RuntimeError: out of memory on ``min_prompts`` prompts or fewer.
     """
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, do_sample=do_sample,
+                  stop_string=stop_string, autocast_dtype=autocast_dtype)
+    try:
+        return _generate_once(model, tokenizer, prompts, group_size, **kwargs)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        if not is_out_of_memory(err) or len(prompts) <= min_prompts:
+            raise
+    # Outside the except block: the failed attempt's tensors (held by the traceback) are free now.
+    device = module_device(model)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    first = max((len(prompts) + 1) // 2, min_prompts)
+    log.warning("generation ran out of memory on %d prompts (x%d completions); retrying as %d + %d prompts "
+                "(floor: %d)", len(prompts), group_size, first, len(prompts) - first, min_prompts)
+    if on_oom is not None:
+        on_oom(len(prompts))
+    parts = [generate_rollout(model, tokenizer, part, group_size, **kwargs, min_prompts=min_prompts, on_oom=on_oom)
+             for part in (prompts[:first], prompts[first:])]
+    return concat_rollouts(parts, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def _generate_once(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    group_size: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    do_sample: bool,
+    stop_string: str | None,
+    autocast_dtype: torch.dtype | None,
+) -> Rollout:
+    """One ``model.generate`` call for every prompt (:func:`generate_rollout`)."""
     was_training = model.training
     model.eval()
     device = module_device(model)
@@ -143,10 +238,12 @@ def generate_rollout(
         gen_kwargs |= dict(temperature=None, top_p=None, top_k=None)
     if stop_string:
         gen_kwargs |= dict(stop_strings=[stop_string], tokenizer=tokenizer)
-    with autocast(device, autocast_dtype):
-        out = model.generate(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
-                             **gen_kwargs).cpu()
-    model.train(was_training)
+    try:
+        with autocast(device, autocast_dtype):
+            out = model.generate(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+                                 **gen_kwargs).cpu()
+    finally:  # also after an out-of-memory error that generate_rollout retries
+        model.train(was_training)
     p = enc.input_ids.shape[1]
     completion_ids = out[:, p:]
     end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
