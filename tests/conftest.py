@@ -76,3 +76,28 @@ def case_id(row: dict[str, Any]) -> str:
 def cases():
     """The :func:`load_cases` helper, as a fixture."""
     return load_cases
+
+
+def compose_config(overrides: list[str]):
+    """The real training config (``conf/config.yaml``) composed with ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from calibrl.train import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a ``metrics.jsonl`` file, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def restore_torch_threads():
+    """pipeline.run calls torch.set_num_threads; give the rest of the session its setting back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

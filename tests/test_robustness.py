@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, read_records
 import reasoning_gym  # noqa: F401  (heavy imports at collection, not inside the first timed test)
 import torch
 import transformers
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from calibrl.config import ConfigError, validate
@@ -52,21 +52,8 @@ EXAMPLES = [
 transformers.LlamaForCausalLM  # noqa: B018  (resolve the lazy module now)
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    # pipeline.run calls torch.set_num_threads; give the rest of the session its setting back.
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+_compose, _records = compose_config, read_records
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 @pytest.fixture(scope="module")

