@@ -51,8 +51,10 @@ is the best of all bf16 measurements.
 
 The parent prints the table and writes ``benchmarks/results/rl_step_<date>.json`` (``--out``):
 machine (CPU model, cores, load), versions, settings, per-step records and summaries.
-``--profile`` adds one more step per framework under ``torch.profiler`` (not timed) and writes
-the top operators to ``<out stem>_profile_<framework>.txt``.
+``--rounds R`` runs the frameworks R times in alternating order and pools their timed steps (a
+shared machine's load drifts; the JSON keeps each round's load average). ``--profile`` adds one
+more step per framework (last round) under ``torch.profiler`` (not timed) and writes the top
+operators to ``<out stem>_profile_<framework>.txt``.
 """
 
 from __future__ import annotations
@@ -558,6 +560,18 @@ def _run_workers(jobs: dict[str, Workload], tmp: Path, parallel: bool) -> dict[s
     return {f: json.loads((tmp / f"{f}_out.json").read_text()) for f in jobs}
 
 
+def _merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One framework's worker results over rounds: records pooled, the largest peak RSS, every
+    round's load averages; the rest from the last round."""
+    merged = dict(runs[-1])
+    merged["records"] = [rec for run in runs for rec in run["records"]]
+    merged["warmup_records"] = [rec for run in runs for rec in run["warmup_records"]]
+    merged["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+    merged["load_avg"] = [run["load_avg"] for run in runs]
+    merged["rounds"] = len(runs)
+    return merged
+
+
 def _table(results: dict[str, dict[str, float]], peak: dict[str, Any]) -> str:
     fws = list(results)
     rows = [
@@ -617,6 +631,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-size", type=int, default=None, help="training prompts to draw from (default: conf/data)")
     p.add_argument("--skip-zero-adv", action="store_true", help="calibrl as shipped: skip rows with all-zero advantage")
     p.add_argument("--frameworks", default="calibrl,trl", help="comma-separated subset of calibrl,trl")
+    p.add_argument("--rounds", type=int, default=1, help="run the frameworks this many times, alternating "
+                   "(calibrl, trl, trl, calibrl, ...), and pool the timed steps: evens out a drifting machine load")
     p.add_argument("--parallel", action="store_true", help="run the framework workers at once (timings contend: smoke tests only)")
     p.add_argument("--profile", action="store_true", help="one extra profiled step per framework (torch.profiler)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matmul-peak measurement")
@@ -651,8 +667,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     peak = matmul_peak(tuple(int(n) for n in a.peak_sizes.split(",")), seconds=a.peak_seconds)
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = {f: dataclasses.replace(w, profile_out=str(out.with_name(f"{out.stem}_profile_{f}.txt"))) for f in frameworks}
-        raw = _run_workers(jobs, Path(tmp), a.parallel)
+        rounds = []
+        for r in range(a.rounds):  # alternate the frameworks, so a drifting machine load hits both alike
+            last = r == a.rounds - 1
+            jobs = {f: dataclasses.replace(w, profile=w.profile and last,
+                                           profile_out=str(out.with_name(f"{out.stem}_profile_{f}.txt")))
+                    for f in (frameworks if r % 2 == 0 else frameworks[::-1])}
+            rounds.append(_run_workers(jobs, Path(tmp), a.parallel))
+    raw = {f: _merge_rounds([rd[f] for rd in rounds]) for f in frameworks}
     shapes = raw[frameworks[0]]["params"]
     peak["model_shapes_bf16"] = model_shape_peak(shapes["hidden"], shapes["intermediate"], shapes["vocab"],
                                                  tokens=w.micro_batch_size * w.max_new_tokens, seconds=a.peak_seconds)

@@ -42,7 +42,7 @@ def test_rl_step_benchmark_writes_complete_json(rl_step, tmp_path):
     out = tmp_path / "rl_step.json"
     rl_step.main([
         "--model", "tiny", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "8", "--micro-batch-size", "4",
-        "--steps", "1", "--warmup", "0", "--train-size", "600", "--peak-sizes", "256", "--peak-seconds", "0.05",
+        "--steps", "1", "--warmup", "0", "--threads", "1", "--train-size", "600", "--peak-sizes", "256", "--peak-seconds", "0.05",
         "--frameworks", ",".join(frameworks), "--parallel", "--out", str(out),
     ])
     report = json.loads(out.read_text())
@@ -73,7 +73,7 @@ def test_rl_step_benchmark_calibrl_only(rl_step, tmp_path):
     out = tmp_path / "rl_step.json"
     rl_step.main([
         "--model", "tiny", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "8", "--micro-batch-size", "4",
-        "--steps", "1", "--warmup", "0", "--train-size", "600", "--peak-sizes", "256", "--peak-seconds", "0.05",
+        "--steps", "1", "--warmup", "0", "--threads", "1", "--train-size", "600", "--peak-sizes", "256", "--peak-seconds", "0.05",
         "--frameworks", "calibrl", "--skip-zero-adv", "--out", str(out),
     ])
     report = json.loads(out.read_text())
