@@ -9,14 +9,16 @@ Run from the repository root (the default workload takes ~15-25 min on 2 CPU cor
 Each framework runs in its own subprocess (so peak RSS, ``ru_maxrss``, is its own), on a model
 loaded the same way (:func:`calibrl.models.load_policy`, fp32 weights), the same chat-formatted
 prompts (reasoning-gym ``chain_sum`` through :class:`calibrl.data.PromptBuilder`), group size,
-completion cap, temperature/top-p (top-k off), stop string ``</confidence>``, bf16 autocast,
+completion cap, temperature/top-p (top-k off), stop string ``</confidence>``, bf16 (autocast in
+training; in generation TRL uses autocast and calibrl its bf16 sampling copy, ``trainer.bf16_sampler``),
 fused AdamW (lr, schedule, grad clip from ``conf/``), ``beta = 0``, one optimizer step per
 rollout batch in micro-batches of ``trainer.micro_batch_size`` completions, and the RLCR reward
-(TRL gets one reward function per calibrl reward component, with calibrl's weights). TRL
+(TRL gets one reward function per calibrl reward component, with calibrl's weights). Step k of
+both answers the same B prompts: TRL's dataset is calibrl's seeded prompt stream, unshuffled. TRL
 settings that differ from its defaults to match calibrl: ``scale_rewards="none"``,
 ``loss_type="dapo"`` (= calibrl's ``token_mean``), ``epsilon = epsilon_high = 0.2``,
-``gradient_checkpointing=False``, ``optim="adamw_torch_fused"``, ``use_vllm=False``,
-``report_to=[]``. The results JSON lists every setting of both.
+``gradient_checkpointing=False``, ``optim="adamw_torch_fused"``, ``shuffle_dataset=False``,
+``use_vllm=False``, ``report_to=[]``, no logging. The results JSON lists every setting of both.
 
 Same work: by default calibrl trains on every completion, as TRL does (calibrl's engine is
 marked ``collective``, the switch that makes its loop run every row). As shipped, calibrl skips
@@ -27,8 +29,10 @@ the same reward and the shipped loop would train on nothing, so it is not the de
 Timing. A step is calibrl's ``GRPOTrainer.step()`` (wall clock around it) and TRL's optimizer
 step (``on_step_begin`` -> ``on_step_end`` of a ``TrainerCallback``: generation, rewards,
 forward/backward of both micro-batches, clip, AdamW). ``--warmup`` steps are dropped, then the
-median of ``--steps``. Phases: ``generate`` is the wall time inside the model's ``generate``
-(the same probe on both); ``update`` is calibrl's ``perf/update_s`` and TRL's step minus its
+median of ``--steps``. Phases: ``generate`` is calibrl's ``perf/generate_s`` (its whole
+``generate`` phase: refreshing the bf16 sampling copy, tokenizing, the decode loop, decoding the
+texts) and the wall time inside TRL's calls of the model's ``generate`` (tokenizing and decoding
+excluded, so the comparison favours TRL slightly); ``update`` is calibrl's ``perf/update_s`` and TRL's step minus its
 ``_generate_and_score_completions``; ``other`` is the rest (decoding, parsing, rewards,
 advantages, metrics).
 
@@ -137,14 +141,13 @@ def _compose(w: Workload):
 
 
 class GenerateProbe:
-    """Wraps ``model.generate`` on the instance: times every call, records whether the forward
-    ran under CPU autocast, and hands the tokenizer to ``generate`` when the caller did not (TRL
-    does not; HF needs it to honour ``stop_strings``)."""
+    """Wraps ``model.generate`` on the instance: times every call and hands the tokenizer to
+    ``generate`` when the caller did not (TRL does not; HF needs it to honour ``stop_strings``).
+    It also records whether generation ran in bf16 (under CPU autocast, or on bf16 weights) on
+    the models it watches (``watch``): the policy, and calibrl's sampling copy."""
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
-        import torch
-
-        self.seconds, self.autocast = 0.0, None
+        self.seconds, self.bf16 = 0.0, None
         inner = model.generate
 
         def generate(*args: Any, **kwargs: Any) -> Any:
@@ -155,13 +158,17 @@ class GenerateProbe:
             finally:
                 self.seconds += time.perf_counter() - t0
 
+        model.generate = generate
+        self.watch(model)
+
+    def watch(self, model: Any) -> None:
+        import torch
+
         def record(module: Any, args: Any) -> None:
             if not torch.is_grad_enabled():  # generation (and no-grad forwards)
-                self.autocast = torch.is_autocast_enabled("cpu")
+                self.bf16 = torch.is_autocast_enabled("cpu") or module.weight.dtype == torch.bfloat16
 
-        model.generate = generate
-        first_linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-        first_linear.register_forward_pre_hook(record)
+        next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_pre_hook(record)
 
     def take(self) -> float:
         s, self.seconds = self.seconds, 0.0
@@ -247,7 +254,7 @@ def _finish(w: Workload, framework: str, records: list[dict[str, float]], counts
         "warmup_records": records[: w.warmup],
         "records": records[w.warmup : w.warmup + w.steps],
         "params": counts,
-        "generation_under_autocast": probe.autocast,
+        "generation_bf16": probe.bf16,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_avg": {"start": load0, "end": os.getloadavg()},
@@ -268,6 +275,7 @@ class _Recorder(dict):
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self[f"{name}_args"] = args
             self[name] = fn(*args, **kwargs)
             return self[name]
 
@@ -282,6 +290,7 @@ def run_calibrl(w: Workload) -> dict[str, Any]:
     from calibrl.pipeline import _optimizer, _scheduler, _settings
     from calibrl.rl.engine import TorchEngine
     from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+    from calibrl.rl.rollout import SamplingCopy
 
     load0 = os.getloadavg()
     cfg, splits, model, tokenizer, prompts, reward_fn = _load(w)
@@ -296,7 +305,11 @@ def run_calibrl(w: Workload) -> dict[str, Any]:
         collective = True  # the loop then trains every row, as TRL does (module docstring)
 
     engine = (TorchEngine if w.skip_zero_adv else AllRowsEngine)(model, opt, sched, t.max_grad_norm)
-    trainer = GRPOTrainer(engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, seed=cfg.seed)
+    sampler = SamplingCopy(model) if t.bf16 and t.bf16_sampler else None  # as calibrl.pipeline builds it
+    if sampler is not None:
+        probe.watch(sampler.model)
+    trainer = GRPOTrainer(engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, seed=cfg.seed,
+                          sampler=sampler)
     seen = _Recorder(trainer, ("generate", "score", "advantages"))
 
     records = []
@@ -316,8 +329,9 @@ def run_calibrl(w: Workload) -> dict[str, Any]:
             continue
         r, adv = seen["generate"], seen["advantages"]
         trained = torch.ones(len(r), dtype=torch.bool) if not w.skip_zero_adv else (adv != 0).reshape(len(r), -1).any(dim=1)
-        records.append(_step_record(step_s, probe.take(), metrics["perf/update_s"], r.prompt_mask, r.completion_mask, trained,
-                                    w.group_size, _reward_stats(seen["score"][1], r.completion_mask)))
+        records.append(_step_record(step_s, metrics["perf/generate_s"], metrics["perf/update_s"], r.prompt_mask, r.completion_mask, trained,
+                                    w.group_size, _reward_stats(seen["score"][1], r.completion_mask))
+                       | {"example_ids": [e.id for e in seen["generate_args"][0]]})
         print(f"[calibrl] step {i + 1}: {step_s:.2f} s", file=sys.stderr, flush=True)
     extra = {"variant": "skips zero-advantage rows (as shipped)" if w.skip_zero_adv else "trains every row (same work as TRL)",
              "settings": dataclasses.asdict(settings) | {"lr": t.lr, "lr_scheduler": t.lr_scheduler,
@@ -340,6 +354,7 @@ def run_trl(w: Workload) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from calibrl.config import rl_warmup_steps
+    from calibrl.rl.grpo import example_stream
     from calibrl.scoring import score_completions
 
     load0 = os.getloadavg()
@@ -349,13 +364,17 @@ def run_trl(w: Workload) -> dict[str, Any]:
     a, t = cfg.algo, cfg.trainer
     names = list(reward_fn.weights)
     last: dict[str, Any] = {}
+    # calibrl's prompt stream, in its order: with shuffle_dataset=False TRL's step k then answers
+    # the same B prompts as calibrl's step k, so lengths and rewards differ only by sampling.
+    total_steps = w.warmup + w.steps + int(w.profile)
+    stream = example_stream(splits.train, cfg.seed)
+    examples = [next(stream) for _ in range(w.prompts * total_steps)]
 
     def scored(completions: list[str], idx: list[int]):
         key = (tuple(completions), tuple(idx))  # TRL calls each reward function on the same batch
         if last.get("key") != key:
-            examples = [splits.train[i] for i in idx]
-            last["key"], last["rewards"] = key, score_completions(completions, examples, splits.is_correct, reward_fn,
-                                                                  prompts.fmt)[1]
+            last["key"], last["rewards"] = key, score_completions(completions, [examples[i] for i in idx],
+                                                                  splits.is_correct, reward_fn, prompts.fmt)[1]
         return last["rewards"]
 
     def component(name: str) -> Callable[..., list[float]]:
@@ -384,10 +403,10 @@ def run_trl(w: Workload) -> dict[str, Any]:
         scale_rewards="std" if a.scale_rewards else "none", loss_type="dapo",
         mask_truncated_completions=a.mask_truncated, reward_weights=[float(reward_fn.weights[k]) for k in names],
         use_vllm=False, report_to=[], logging_strategy="no", save_strategy="no", disable_tqdm=True,
-        max_steps=w.warmup + w.steps + int(w.profile), seed=w.seed, data_seed=w.seed, dataloader_num_workers=0,
+        max_steps=total_steps, shuffle_dataset=False, seed=w.seed, data_seed=w.seed, dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-    dataset = Dataset.from_list([{"prompt": prompts.prompt(e), "idx": i} for i, e in enumerate(splits.train)])
+    dataset = Dataset.from_list([{"prompt": prompts.prompt(e), "idx": i} for i, e in enumerate(examples)])
     times: dict[str, Any] = {"records": [], "prof_rows": None}
 
     class TimedTrainer(GRPOTrainer):
@@ -416,7 +435,8 @@ def run_trl(w: Workload) -> dict[str, Any]:
             cm = out["completion_mask"].cpu()
             trained = torch.ones(cm.shape[0], dtype=torch.bool)
             times["records"].append(_step_record(step_s, probe.take(), step_s - times["gen_score_s"], out["prompt_mask"].cpu(),
-                                                 cm, trained, w.group_size, _reward_stats(last["rewards"], cm)))
+                                                 cm, trained, w.group_size, _reward_stats(last["rewards"], cm))
+                                    | {"example_ids": list(dict.fromkeys(examples[i].id for i in last["key"][1]))})
             print(f"[trl] step {state.global_step}: {step_s:.2f} s", file=sys.stderr, flush=True)
 
     trainer = TimedTrainer(model=model, reward_funcs=[component(k) for k in names], args=args, train_dataset=dataset,
@@ -424,8 +444,7 @@ def run_trl(w: Workload) -> dict[str, Any]:
     trainer.remove_callback(PrinterCallback)  # its end-of-training dict would clutter the table
     trainer.train()
     if len(times["records"]) < w.warmup + w.steps:
-        raise RuntimeError(f"TRL ran {len(times['records'])} of {w.warmup + w.steps} steps ({len(dataset)} training prompts, "
-                           f"{w.prompts} per step): raise --train-size")
+        raise RuntimeError(f"TRL ran {len(times['records'])} of {w.warmup + w.steps} steps")
     extra = {"variant": f"trl {__import__('trl').__version__}, use_vllm=False",
              "accelerator_native_amp": bool(trainer.accelerator.native_amp),
              "settings": {k: v for k, v in args.to_dict().items() if k in TRL_SETTINGS}}
@@ -494,7 +513,7 @@ def summarise(res: dict[str, Any]) -> dict[str, float]:
     if not recs:
         raise RuntimeError(f"{res['framework']}: no timed step recorded")
     p = res["params"]
-    total = {k: sum(r[k] for r in recs) for k in recs[0]}
+    total = {k: sum(r[k] for r in recs) for k, v in recs[0].items() if isinstance(v, (int, float))}
     gen_flops = 2 * (p["n_body"] * (total["prompt_tokens"] + total["completion_tokens"]) + p["n_head"] * total["completion_tokens"])
     train_tokens = total["train_prompt_tokens"] + total["train_completion_tokens"]
     train_flops = 6 * (p["n_body"] * train_tokens + p["n_head"] * total["train_completion_tokens"])

@@ -130,18 +130,21 @@ def scripted_answers(monkeypatch, seed: int = 0, special: dict[int, str] | None 
     monkeypatch.setattr(grpo.GRPOTrainer, "generate", generate)
 
 
-def out_of_memory_above(monkeypatch, model: Any, max_prompts: int) -> list[int]:
-    """Make ``model.generate`` raise ``torch.OutOfMemoryError`` on more than ``max_prompts``
-    prompts; returns the list of batch sizes it was called with."""
-    original = model.generate
+def out_of_memory_above(monkeypatch, max_prompts: int) -> list[int]:
+    """Make the rollout decode loop (``calibrl.rl.rollout.decode_groups``) raise
+    ``torch.OutOfMemoryError`` on more than ``max_prompts`` prompts; returns the list of prompt
+    counts it was called with."""
+    from calibrl.rl import rollout
+
+    original = rollout.decode_groups
     calls: list[int] = []
 
-    def generate(*args: Any, **kwargs: Any):
-        n = kwargs["input_ids"].shape[0]
+    def decode_groups(model: Any, input_ids: torch.Tensor, *args: Any, **kwargs: Any):
+        n = input_ids.shape[0]
         calls.append(n)
         if n > max_prompts:
             raise torch.OutOfMemoryError(f"CUDA out of memory (test: {n} prompts > {max_prompts})")
-        return original(*args, **kwargs)
+        return original(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(rollout, "decode_groups", decode_groups)
     return calls

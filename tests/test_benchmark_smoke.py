@@ -62,9 +62,10 @@ def test_rl_step_benchmark_writes_complete_json(rl_step, tmp_path):
             assert s[key] > 0, (f, key, s[key])
         run = report["runs"][f]
         assert len(run["records"]) == 1 and run["settings"]
-        assert run["generation_under_autocast"] is True  # bf16 autocast reached generate's forwards
+        assert run["generation_bf16"] is True  # bf16 (autocast or bf16 weights) reached generation's forwards
         assert run["params"]["n_body"] > 0 and run["params"]["n_head"] > 0
-    # the same work: every completion of the step is trained in both
+    # the same prompts in step k of both, and the same work: every completion is trained
+    assert report["runs"]["calibrl"]["records"][0]["example_ids"] == report["runs"]["trl"]["records"][0]["example_ids"]
     assert report["summary"]["calibrl"]["rows_trained"] == report["summary"]["trl"]["rows_trained"] == 4
     assert report["speedup_trl_over_calibrl_step_s"] > 0
 

@@ -344,7 +344,7 @@ def test_generation_out_of_memory_retries_in_halves_with_the_same_rollout(tiny, 
     prompts = [builder.prompt(e) for e in EXAMPLES]  # 5 prompts of different lengths
     kwargs = dict(max_new_tokens=6, do_sample=False, stop_string=None)  # greedy: the same text either way
     whole = generate_rollout(model, tok, prompts, 1, **kwargs)
-    calls = out_of_memory_above(monkeypatch, model, max_prompts=2)
+    calls = out_of_memory_above(monkeypatch, max_prompts=2)
     ooms: list[int] = []
     with caplog.at_level(logging.WARNING, logger="calibrl.rl.rollout"):
         split = generate_rollout(model, tok, prompts, 1, **kwargs, on_oom=ooms.append)
@@ -360,7 +360,7 @@ def test_generation_out_of_memory_retries_in_halves_with_the_same_rollout(tiny, 
 def test_generation_out_of_memory_keeps_groups_whole_and_in_order(tiny, builder, monkeypatch):
     model, tok = tiny
     prompts = [builder.prompt(e) for e in EXAMPLES]
-    out_of_memory_above(monkeypatch, model, max_prompts=2)
+    out_of_memory_above(monkeypatch, max_prompts=2)
     torch.manual_seed(0)
     split = generate_rollout(model, tok, prompts, 3, max_new_tokens=4)
     assert split.group_index.tolist() == [i for i in range(5) for _ in range(3)]
@@ -373,7 +373,7 @@ def test_generation_out_of_memory_keeps_groups_whole_and_in_order(tiny, builder,
 def test_generation_out_of_memory_at_the_floor_is_raised(tiny, builder, monkeypatch):
     model, tok = tiny
     prompts = [builder.prompt(e) for e in EXAMPLES]
-    calls = out_of_memory_above(monkeypatch, model, max_prompts=2)
+    calls = out_of_memory_above(monkeypatch, max_prompts=2)
     with pytest.raises(torch.OutOfMemoryError):
         generate_rollout(model, tok, prompts, 2, max_new_tokens=4, min_prompts=3)
     assert calls == [5, 3]  # 5 -> 3 + 2; 3 is the floor: raised
@@ -390,7 +390,7 @@ def test_out_of_memory_errors_are_recognised():
 def test_grpo_step_counts_generation_out_of_memory_retries(tiny, builder, monkeypatch):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     trainer = _trainer(model, tok, builder)
-    out_of_memory_above(monkeypatch, model, max_prompts=1)
+    out_of_memory_above(monkeypatch, max_prompts=1)
     metrics = trainer.step()  # 2 prompts -> OOM -> 1 + 1
     assert metrics["perf/generation_oom_retries"] == 1.0
     monkeypatch.undo()

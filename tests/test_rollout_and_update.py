@@ -20,6 +20,7 @@ from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction, parse_completion
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
 from calibrl.rl.engine import TorchEngine
+from calibrl.rl import rollout as rollout_module
 from calibrl.rl.rollout import Rollout, _completion_mask, completion_logprobs, generate_rollout
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_batches
 from calibrl.train import CONF_DIR
@@ -102,8 +103,8 @@ def test_completion_mask_hand_cases():
 
 
 class FakeLM:
-    """Stands in for a causal LM: `generate` returns the prompt followed by fixed completions,
-    padded the way HF generate pads rows that finished early (with ``pad_token_id``)."""
+    """Stands in for a causal LM whose decode loop returns fixed completions, padded the way the
+    loop pads rows that finished early (with ``pad_token_id``); ``fake_decode`` installs it."""
 
     def __init__(self, completions: torch.Tensor) -> None:
         self.completions = completions
@@ -119,10 +120,14 @@ class FakeLM:
         self.training = mode
         return self
 
-    def generate(self, input_ids, attention_mask, **kwargs):
-        self.calls.append(kwargs)
-        g = kwargs["num_return_sequences"]
-        return torch.cat([input_ids.repeat_interleave(g, dim=0), self.completions], dim=1)
+
+@pytest.fixture
+def fake_decode(monkeypatch):
+    def decode_groups(model, input_ids, attention_mask, group_size, **kwargs):
+        model.calls.append(kwargs | {"group_size": group_size})
+        return model.completions
+
+    monkeypatch.setattr(rollout_module, "decode_groups", decode_groups)
 
 
 def _stopped_and_eos_rows(tok, pad_id: int) -> torch.Tensor:
@@ -134,7 +139,7 @@ def _stopped_and_eos_rows(tok, pad_id: int) -> torch.Tensor:
     return torch.tensor([row0, row1])
 
 
-def test_generate_rollout_masks_stop_string_rows(tiny, builder):
+def test_generate_rollout_masks_stop_string_rows(tiny, builder, fake_decode):
     _, tok = tiny
     fake = FakeLM(_stopped_and_eos_rows(tok, tok.pad_token_id))
     r = generate_rollout(fake, tok, [builder.prompt(EXAMPLES[0])], 2, max_new_tokens=11)
@@ -145,7 +150,7 @@ def test_generate_rollout_masks_stop_string_rows(tiny, builder):
     assert fake.calls[0]["stop_strings"] == [STOP] and fake.calls[0]["pad_token_id"] == tok.pad_token_id
 
 
-def test_generate_rollout_masks_padding_when_pad_is_not_eos(tiny, builder):
+def test_generate_rollout_masks_padding_when_pad_is_not_eos(tiny, builder, fake_decode):
     _, tok = tiny
     tok = copy.deepcopy(tok)
     tok.pad_token = "<|endoftext|>"  # id 0, distinct from EOS (2)

@@ -160,6 +160,8 @@ class TrainerConfig:
     micro_batch_size: int = 32
     max_grad_norm: float = 1.0
     bf16: bool = True
+    bf16_sampler: bool = True  # with bf16: rollouts from a bf16 copy of the policy (not under ZeRO-3)
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF gradient checkpointing)
     device: str = "auto"  # auto (cuda:<local rank> when CUDA is available, else cpu) | cpu | cuda
     num_threads: int = 0  # 0: torch's default
     eval_every: int = 0  # 0: only before and after RL
@@ -241,6 +243,8 @@ class EvalJobConfig:
     checkpoint: Optional[str] = None  # run directory | HF model directory | model preset | None
     use_run_config: bool = True
     bf16: bool = True
+    bf16_sampler: bool = True  # with bf16: rollouts from a bf16 copy of the policy (not under ZeRO-3)
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF gradient checkpointing)
     device: str = "auto"  # auto | cpu | cuda (as trainer.device)
     num_threads: int = 0
     plots: bool = True

@@ -52,6 +52,7 @@ from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
 from calibrl.rl.engine import TorchEngine
 from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+from calibrl.rl.rollout import SamplingCopy
 from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_warmup
 from calibrl.sft_cache import load_sft_cache, save_sft_cache, sft_cache_dir
 from calibrl.tracking import Tracker, redact
@@ -229,6 +230,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
     model, tokenizer = load_policy(spec)
     model.to(device)
+    if cfg.trainer.gradient_checkpointing:  # activations recomputed in backward: less memory, ~1/3 more compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fmt = completion_format(cfg)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     autocast = torch.bfloat16 if cfg.trainer.bf16 else None
@@ -312,6 +315,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         settings = _settings(GRPOSettings, a, t, cfg.objective)
         # A full frozen copy on every rank, also under ZeRO-3 (taken before DeepSpeed shards the policy).
         reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+        # Like the reference, copied before DeepSpeed wraps the policy; ZeRO-3 shards it: none there.
+        zero3 = cfg.deepspeed.enabled and cfg.deepspeed.stage == 3
+        sampler = SamplingCopy(model) if t.bf16 and t.bf16_sampler and not zero3 else None
         opt = _optimizer(model, t.lr, t.weight_decay)
         sched = _scheduler(t.lr_scheduler, opt, rl_warmup_steps(t), t.max_steps)
         if cfg.deepspeed.enabled:
@@ -327,7 +333,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             engine = TorchEngine(model, opt, sched, t.max_grad_norm)
         trainer = GRPOTrainer(
             engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, reference, seed=cfg.seed,
-            dist=info,
+            dist=info, sampler=sampler,
         )
         if info.world_size > 1 and resume is None:
             # The warm-up is replicated on every rank (same seed, same weights); from here each

@@ -4,9 +4,12 @@ The algorithm, exactly as implemented (one RL step):
 
 1. **Prompts.** Take the next ``algo.prompts_per_step`` (B) training examples from a seeded,
    reshuffled-every-epoch stream.
-2. **Rollouts.** Sample G = ``algo.group_size`` completions per prompt with HF ``generate``
-   (temperature ``algo.temperature``, top-p ``algo.top_p``, at most ``algo.max_new_tokens``
-   tokens, stopping once ``</confidence>`` is written). Out of memory, the step's prompts are
+2. **Rollouts.** Sample G = ``algo.group_size`` completions per prompt with calibrl's decode
+   loop over the HF model (:mod:`calibrl.rl.decode`: one prefill per prompt shared by its G
+   samples; temperature ``algo.temperature``, top-p ``algo.top_p``, at most
+   ``algo.max_new_tokens`` tokens, stopping once ``</confidence>`` is written). With
+   ``trainer.bf16`` and ``trainer.bf16_sampler`` a bf16 copy of the policy, refreshed before
+   every step, samples them (:class:`calibrl.rl.rollout.SamplingCopy`; not under ZeRO-3). Out of memory, the step's prompts are
    generated in halves, down to ``trainer.min_generation_batch`` prompts per call
    (:func:`calibrl.rl.rollout.generate_rollout`; counted in ``perf/generation_oom_retries``).
 3. **Rewards.** Parse every completion (:func:`calibrl.rewards.parse_completion`), take its
@@ -38,7 +41,9 @@ The algorithm, exactly as implemented (one RL step):
    still has its reward and counts in its group's baseline (step 4). Their share is logged as
    ``train/truncated_fraction`` either way.
 6. **Update.** Gradients accumulated over micro-batches of ``trainer.micro_batch_size``
-   completions, clipped to ``trainer.max_grad_norm``, AdamW step, LR schedule step. Forward and
+   completions, clipped to ``trainer.max_grad_norm``, AdamW step, LR schedule step. Rows are
+   cut into micro-batches by completion length (longest first) when that leaves fewer padded
+   tokens to run than the rollout's order does (normalisers are global: same loss and gradient). Forward and
    backward under bf16 autocast when ``trainer.bf16``. A non-finite step is skipped and counted
    in ``train/skipped_steps``: a micro-batch loss that is not finite skips its backward and the
    rest of the step (gradients zeroed, no optimizer or scheduler step), and so does a non-finite
@@ -81,7 +86,7 @@ from calibrl.objectives import COMBINERS, segment_ids
 from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, reward_metrics
 from calibrl.rl.engine import Engine
 from calibrl.rl.loss import clipped_policy_loss
-from calibrl.rl.rollout import Rollout, completion_logprobs, generate_rollout
+from calibrl.rl.rollout import Rollout, SamplingCopy, completion_logprobs, generate_rollout
 from calibrl.scoring import score_completions
 
 __all__ = ["GRPOSettings", "GRPOTrainer", "example_stream"]
@@ -179,6 +184,9 @@ class GRPOTrainer:
         settings: :class:`GRPOSettings`.
         reference: frozen reference model, required when ``settings.beta > 0``.
         seed: seed of the prompt stream (the same on every rank).
+        sampler: a :class:`calibrl.rl.rollout.SamplingCopy` that samples the rollouts (refreshed
+            from the policy at every step, no autocast), or ``None``: the policy samples them under
+            the ``bf16`` autocast setting.
         dist: this process's rank; with W processes each step's ``prompts_per_step`` prompts are
             split into W equal shares of whole prompts (a group never spans ranks, so group
             baselines need no communication), loss normalisers are global and metrics are
@@ -201,6 +209,7 @@ class GRPOTrainer:
         reference: Any = None,
         seed: int = 0,
         dist: DistInfo = DistInfo(),
+        sampler: SamplingCopy | None = None,
     ) -> None:
         if settings.group_size < 2:
             raise ValueError(f"algo.group_size must be >= 2, got {settings.group_size}")
@@ -213,7 +222,7 @@ class GRPOTrainer:
             raise ValueError("algo.beta > 0 needs a reference model")
         self.engine, self.policy, self.tokenizer, self.prompts = engine, engine.module, tokenizer, prompts
         self.is_correct, self.reward_fn, self.s, self.reference = is_correct, reward_fn, settings, reference
-        self.train_examples, self.seed, self.dist = train_examples, seed, dist
+        self.train_examples, self.seed, self.dist, self.sampler = train_examples, seed, dist, sampler
         self.stream = example_stream(train_examples, seed)
         self.consumed = 0  # examples taken from the stream: the data position of a checkpoint
         self.skipped_steps = 0  # optimizer steps skipped as non-finite, over the run
@@ -237,8 +246,12 @@ class GRPOTrainer:
     def generate(self, examples: list[Example]) -> Rollout:
         """Sample G completions for each example (step 2)."""
         with self.engine.generation():
+            if self.sampler is not None:
+                model, dtype = self.sampler.refresh(self.policy), None
+            else:
+                model, dtype = self.policy, self.autocast_dtype
             return generate_rollout(
-                self.policy,
+                model,
                 self.tokenizer,
                 [self.prompts.prompt(e) for e in examples],
                 self.s.group_size,
@@ -246,7 +259,7 @@ class GRPOTrainer:
                 temperature=self.s.temperature,
                 top_p=self.s.top_p,
                 stop_string=f"</{self.prompts.fmt.confidence}>",
-                autocast_dtype=self.autocast_dtype,
+                autocast_dtype=dtype,
                 min_prompts=self.s.min_generation_batch,
                 on_oom=self._count_oom,
             )
@@ -267,9 +280,41 @@ class GRPOTrainer:
         return parsed, rewards
 
     def _logprobs(self, model: Any, rollout: Rollout, grad: bool) -> torch.Tensor:
-        """float32 ``[N, L]`` on the model's device."""
+        """float32 ``[N, L]`` on the model's device (0 where ``completion_mask`` is 0).
+
+        Under gradient checkpointing (``trainer.gradient_checkpointing``) HF turns the KV cache
+        off in training mode, so the shared-prefix forward gives way to the plain one."""
+        share = not (grad and getattr(model, "is_gradient_checkpointing", False))
         with torch.set_grad_enabled(grad), autocast(module_device(model), self.autocast_dtype):
-            return completion_logprobs(model, rollout)
+            return completion_logprobs(model, rollout, share_prefix=share)
+
+    @staticmethod
+    def _bucket_order(rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
+        """LongTensor ``[N]``: the order in which to cut ``rollout``'s rows into micro-batches of
+        ``micro_batch_size`` rows: by completion length, longest first (stable), or as given,
+        whichever leaves fewer tokens to run.
+
+        :func:`completion_logprobs` drops the padding columns that all rows of a micro-batch
+        share, so rows of similar lengths together cost less; but it runs each distinct prompt of
+        a micro-batch once, so spreading a group over micro-batches costs prompt tokens. The
+        estimate sums, over micro-batches, rows x longest completion + distinct prompts x widest
+        prompt (tokens). Loss normalisers are global, so the order changes the loss and its
+        gradient only by float rounding.
+        """
+        p, length = rollout.prompt_mask.shape[1], rollout.completion_mask.shape[1]
+        ends = (rollout.completion_mask * torch.arange(1, length + 1)).amax(dim=1)  # [N] last token + 1
+        prompt_widths = (rollout.prompt_mask * torch.arange(p, 0, -1)).amax(dim=1)  # [N] from the first token
+
+        def tokens(order: torch.Tensor) -> int:
+            total = 0
+            for rows in order.split(micro_batch_size):
+                total += len(rows) * int(ends[rows].max())
+                total += len(torch.unique(rollout.group_index[rows])) * int(prompt_widths[rows].max())
+            return total
+
+        given = torch.arange(len(rollout))
+        by_length = torch.sort(ends, descending=True, stable=True).indices
+        return by_length if tokens(by_length) < tokens(given) else given
 
     def advantages(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch) -> torch.Tensor:
         """Token advantages from the reward components (step 4), float ``[B*G, L]``, exactly 0 on
@@ -322,6 +367,7 @@ class GRPOTrainer:
         if active.numel() == 0:  # nothing to learn from, nothing that could go wrong
             self.bad_steps_in_row = 0
             return out
+        active = active[self._bucket_order(rollout.select(active), s.micro_batch_size)]
         sub = rollout.select(active)
         adv = advantages[active]
         chunks = [slice(i, i + s.micro_batch_size) for i in range(0, len(sub), s.micro_batch_size)]

@@ -2,20 +2,21 @@
 
 Layout: prompts are left-padded, completions right-padded, concatenated as
 ``[prompt | completion]``; positions follow the attention mask (``cumsum - 1``) so that the
-training forward sees the same positions as ``generate`` did.
+training forward sees the same positions as the decode loop (:mod:`calibrl.rl.decode`) did.
 
 Devices: a :class:`Rollout` lives on the CPU (parsing, rewards and metrics read it there); the
 model's inputs are moved to the model's device (:func:`calibrl.device.module_device`), and
 log-probs come back on that device.
 
 Out of memory during generation: :func:`generate_rollout` retries the prompts in two halves (and
-those in halves, ...) down to ``min_prompts`` prompts per ``generate`` call, and concatenates the
+those in halves, ...) down to ``min_prompts`` prompts per decode call, and concatenates the
 parts into the rollout one call would have made (same rows in the same order, groups kept whole;
 only the padding widths can differ, which positions and masks make invisible to the model).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from calibrl.device import autocast, module_device
+from calibrl.rl.decode import decode_groups
 
-__all__ = ["Rollout", "concat_rollouts", "generate_rollout", "completion_logprobs", "is_out_of_memory"]
+__all__ = ["Rollout", "SamplingCopy", "concat_rollouts", "generate_rollout", "completion_logprobs", "is_out_of_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,59 @@ class Rollout:
                        self.completion_mask.to(device), self.texts, self.group_index.to(device), self.truncated)
 
 
+class SamplingCopy:
+    """A frozen copy of the policy, its parameters in ``dtype``, that samples rollouts.
+
+    Under bf16 autocast every matmul of every decode step casts the fp32 weights to bf16 again
+    (the whole model, once per generated token); a bf16 copy refreshed once per RL step does it
+    once. Buffers keep their dtype (rotary frequencies stay float32). The copy's distribution is
+    that of the policy with bf16 weights and bf16 activations, close to but not bit-equal with the
+    autocast forward that training uses; with one update per batch the importance ratio is
+    exactly 1 either way (``old_logp`` is the training forward's own, detached). Memory: one
+    more model in ``dtype`` (270 MB for SmolLM2-135M in bf16).
+
+    Args:
+        policy: the policy, before DeepSpeed wraps it (a plain copy; not for ZeRO-3, whose
+            parameters are sharded).
+        dtype: the copy's parameter dtype.
+    """
+
+    def __init__(self, policy: Any, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        for p in self.model.parameters():
+            p.data = p.data.to(dtype)
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def refresh(self, policy: Any) -> Any:
+        """Copy ``policy``'s current weights into the copy (rounded to its dtype) and return it.
+
+        ``policy`` may be the model itself or a wrapper that holds it as ``module`` (DeepSpeed's
+        engine): parameters are matched by name, with a leading ``module.`` dropped.
+
+        Raises:
+            KeyError: a parameter of ``policy`` has no counterpart in the copy.
+        """
+        if self._pairs is None:
+            own = dict(self.model.named_parameters())
+            pairs = []
+            for name, src in policy.named_parameters():
+                key = name if name in own else name.removeprefix("module.")
+                if key not in own:
+                    raise KeyError(f"parameter {name!r} of the policy has no counterpart in the sampling copy")
+                pairs.append((own[key], src))
+            self._pairs = pairs
+        with torch.no_grad():
+            for dst, src in self._pairs:
+                dst.copy_(src)
+        return self.model
+
+
 def _completion_mask(ids: torch.Tensor, texts: list[str], end_ids: set[int], eos_id: int, stop: str | None) -> torch.Tensor:
     """``[N, L]`` 0/1 mask of the sampled tokens of each row.
 
     A row ends at its first EOS or pad token (``end_ids``); ``texts[i]`` is row i decoded up to
     there. A row whose text ends with the stop string stopped on it, so the token at the end
-    position is padding from ``generate`` and is dropped; otherwise a sampled EOS is kept (the
+    position is padding from the decode loop and is dropped; otherwise a sampled EOS is kept (the
     policy chose to stop) and a pad token is dropped.
     """
     n, length = ids.shape
@@ -102,7 +151,7 @@ def _completion_mask(ids: torch.Tensor, texts: list[str], end_ids: set[int], eos
 def _truncated(ids: torch.Tensor, texts: list[str], end_ids: set[int], stop: str | None, max_new_tokens: int) -> torch.Tensor:
     """BoolTensor ``[N]``: the row is ``max_new_tokens`` long with no EOS/pad token and its text
     does not end with the stop string, i.e. generation cut it off (as ``_completion_mask``
-    reads rows). Shorter batches cannot hold a truncated row: ``generate`` only stops early once
+    reads rows). Shorter batches cannot hold a truncated row: decoding only stops early once
     every row has finished."""
     if ids.shape[1] < max_new_tokens:
         return torch.zeros(ids.shape[0], dtype=torch.bool)
@@ -164,7 +213,7 @@ def generate_rollout(
     min_prompts: int = 1,
     on_oom: Callable[[int], None] | None = None,
 ) -> Rollout:
-    """Sample ``group_size`` completions for each prompt with ``model.generate``.
+    """Sample ``group_size`` completions for each prompt (:func:`calibrl.rl.decode.decode_groups`).
 
     Args:
         prompts: B chat-formatted prompt strings.
@@ -176,7 +225,7 @@ def generate_rollout(
         min_prompts: out of memory on more than this many prompts, the prompts are generated in
             two halves (recursively; no part smaller than this while prompts remain), and the
             parts concatenated (module docstring). At or below it the error is raised.
-        on_oom: called with the number of prompts of each ``generate`` call that ran out of
+        on_oom: called with the number of prompts of each decode call that ran out of
             memory and was split (after a warning is logged).
 
     Returns:
@@ -220,32 +269,21 @@ def _generate_once(
     stop_string: str | None,
     autocast_dtype: torch.dtype | None,
 ) -> Rollout:
-    """One ``model.generate`` call for every prompt (:func:`generate_rollout`)."""
+    """One :func:`calibrl.rl.decode.decode_groups` call for every prompt (:func:`generate_rollout`)."""
     was_training = model.training
     model.eval()
     device = module_device(model)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    gen_kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_return_sequences=group_size,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    if do_sample:
-        gen_kwargs |= dict(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        gen_kwargs |= dict(temperature=None, top_p=None, top_k=None)
-    if stop_string:
-        gen_kwargs |= dict(stop_strings=[stop_string], tokenizer=tokenizer)
     try:
         with autocast(device, autocast_dtype):
-            out = model.generate(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
-                                 **gen_kwargs).cpu()
+            completion_ids = decode_groups(
+                model, enc.input_ids.to(device), enc.attention_mask.to(device), group_size,
+                max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, do_sample=do_sample,
+                stop_strings=[stop_string] if stop_string else None, tokenizer=tokenizer,
+            ).cpu()
     finally:  # also after an out-of-memory error that generate_rollout retries
         model.train(was_training)
-    p = enc.input_ids.shape[1]
-    completion_ids = out[:, p:]
     end_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     texts = []
     for row in completion_ids.tolist():
@@ -263,6 +301,67 @@ def _generate_once(
     )
 
 
+# Elements of a [rows, V] block that _SelectedLogSoftmax turns into float32 at a time (64 MiB).
+_LOGSOFTMAX_BLOCK = 1 << 24
+
+
+class _SelectedLogSoftmax(torch.autograd.Function):
+    """``log_softmax(logits.float(), -1)[i, targets[i]]`` for every row i, in blocks of rows.
+
+    Autograd through that plain expression keeps a float32 copy of ``logits`` and allocates
+    several more ``[T, V]`` float32 tensors in backward; this keeps only ``logits`` (in their own
+    dtype, bf16 under autocast) and the float32 ``logsumexp`` per row, and its backward computes
+    ``grad * (onehot(target) - softmax)`` block by block, the same arithmetic as autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, _LOGSOFTMAX_BLOCK // max(logits.shape[1], 1))
+        lse = torch.cat([torch.logsumexp(block.float(), dim=-1) for block in logits.split(rows)])  # [T]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return logits.gather(1, targets[:, None]).squeeze(1).float() - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for lo in range(0, len(logits), ctx.rows):
+            g = grad[lo : lo + ctx.rows, None]  # [rows, 1]
+            # torch.sub promotes to a new float32 block, so the in-place ops never touch logits.
+            block = torch.sub(logits[lo : lo + ctx.rows], lse[lo : lo + ctx.rows, None]).exp_().mul_(-g)
+            out[lo : lo + ctx.rows] = block.scatter_add_(1, targets[lo : lo + ctx.rows, None], g)
+        return out, None
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 ``[T]`` log-probs of ``targets`` (long ``[T]``) under ``logits`` ``[T, V]``.
+
+    Raises:
+        ValueError: ``logits`` is not one row per target: the model ignored a boolean
+            ``logits_to_keep`` (its forward does not slice with transformers'
+            ``slice_logits_to_keep``).
+    """
+    if logits.ndim != 2 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"expected [{targets.shape[0]}, V] logits for a boolean logits_to_keep, got {tuple(logits.shape)}: "
+            "the model's forward must select positions with transformers' slice_logits_to_keep"
+        )
+    return _SelectedLogSoftmax.apply(logits, targets)
+
+
+def _trim_padding(rollout: Rollout) -> Rollout:
+    """The same rows without the prompt columns that are padding in every row (on the left) and
+    the completion columns that are padding in every row (on the right); one column of each is
+    always kept. Positions and attention follow the masks, so no real token sees a difference."""
+    used_p = rollout.prompt_mask.any(dim=0).nonzero().flatten()
+    used_c = rollout.completion_mask.any(dim=0).nonzero().flatten()
+    lo = int(used_p[0]) if len(used_p) else max(rollout.prompt_mask.shape[1] - 1, 0)
+    hi = int(used_c[-1]) + 1 if len(used_c) else 1
+    return Rollout(rollout.prompt_ids[:, lo:], rollout.prompt_mask[:, lo:], rollout.completion_ids[:, :hi],
+                   rollout.completion_mask[:, :hi], rollout.texts, rollout.group_index, rollout.truncated)
+
+
 def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True) -> torch.Tensor:
     """Log-probabilities of the completion tokens under ``model``.
 
@@ -273,20 +372,35 @@ def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True)
     rounding) at a fraction of the cost when G completions share a prompt. Without
     ``share_prefix`` the plain forward is used.
 
-    Only logits of completion positions are computed, and the log-softmax is taken by
-    ``logsumexp`` on those alone, so ``[N, P+L, V]`` log-probs are never materialised.
+    Padding is not computed where it can be dropped: prompt columns that are padding in every
+    row and completion columns after every row's last token are cut before the forward. The LM
+    head runs only on the T positions that predict a completion token (``completion_mask`` 1),
+    passed to the model as a boolean ``logits_to_keep``, so the model's own head and any logit
+    post-processing (e.g. soft-capping) apply to ``[T, V]`` logits only; the log-softmax is
+    taken in float32 on those rows, block by block, without a float32 copy of the logits kept
+    for backward (:class:`_SelectedLogSoftmax`).
 
     Args:
+        model: a causal LM whose forward honours a boolean ``[N, S]`` ``logits_to_keep``
+            (transformers >= 5.24 models slice with ``slice_logits_to_keep``), or an engine
+            wrapping one.
         rollout: N completions (any subset of a rollout's rows), on any device.
 
     Returns:
-        float32 ``[N, L]`` log-probs in nats (meaningless where ``completion_mask`` is 0), on the
-        model's device.
+        float32 ``[N, L]`` log-probs in nats, 0 where ``completion_mask`` is 0, on the model's
+        device.
+
+    Raises:
+        ValueError: the model returned logits for other positions than the boolean
+            ``logits_to_keep`` asked for.
     """
-    rollout = rollout.to(module_device(model))
     length = rollout.completion_ids.shape[1]
+    rollout = _trim_padding(rollout.to(module_device(model)))
+    n, width = rollout.completion_ids.shape  # width <= length: trailing padding cut
+    ids, mask = rollout.completion_ids, rollout.completion_mask.bool()
     attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [N, P+L]
     positions = (attn.cumsum(dim=1) - 1).clamp_min(0)
+    zeros = torch.zeros((n, width), dtype=torch.float32, device=ids.device)
     if share_prefix:
         groups, inverse = torch.unique(rollout.group_index, return_inverse=True)
         # One row per distinct prompt (any row of a group will do: they hold the same prompt).
@@ -299,7 +413,7 @@ def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True)
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = prefix.past_key_values
+        cache = prefix.cache
         cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...], differentiable indexing
         body = model(
             input_ids=rollout.completion_ids,
@@ -307,13 +421,18 @@ def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True)
             position_ids=positions[:, rollout.prompt_ids.shape[1] :],
             cache=cache,
             use_cache=True,
-            logits_to_keep=length,
+            logits_to_keep=F.pad(mask[:, 1:], (0, 1)),  # body position t predicts token t + 1
         )
-        # prefix logits predict completion token 0; body logits at t predict token t + 1.
-        logits = torch.cat([prefix.logits[inverse], body.logits[:, :-1]], dim=1).float()  # [N, L, V]
+        # The prefix's last logits predict completion token 0; body logits come as [T - N0, V],
+        # row by row, in the order of mask[:, 1:].
+        starts = mask[:, 0]  # [N]: rows with a token 0
+        lp0 = _token_logprobs(prefix.logits[inverse[starts], -1], ids[starts, 0])
+        rest = _token_logprobs(body.logits, ids[:, 1:][mask[:, 1:]])
+        lp = torch.cat([zeros[:, :1].masked_scatter(starts[:, None], lp0),
+                        zeros[:, 1:].masked_scatter(mask[:, 1:], rest)], dim=1)  # [N, width]
     else:
-        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=length + 1)
-        logits = out.logits[:, :-1].float()  # [N, L, V]: position t predicts completion token t
-    token_logits = logits.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    return token_logits - torch.logsumexp(logits, dim=-1)
+        p = rollout.prompt_ids.shape[1]
+        out = model(input_ids=torch.cat([rollout.prompt_ids, ids], dim=1), attention_mask=attn,
+                    position_ids=positions, logits_to_keep=F.pad(mask, (p - 1, 1)))  # p - 1 + t predicts token t
+        lp = zeros.masked_scatter(mask, _token_logprobs(out.logits, ids[mask]))  # [N, width]
+    return F.pad(lp, (0, length - width))
