@@ -3,10 +3,9 @@
 Why not ``model.generate``: on the default workload (SmolLM2-135M, 8 prompts x 8 samples, 128
 tokens, 2 CPU cores) the profile of HF ``generate`` spent more time around the model than in it:
 ``torch.multinomial`` draws an exponential variate for every vocabulary entry of every row at
-every step (~50 ms a step here), the growing KV cache is re-concatenated at every step, rows that
-have finished keep running to the end, and ``num_return_sequences`` runs every prompt's prefill
-G times. This loop keeps HF's model forward, its cache classes and its stop-string criterion, and
-changes only those four things:
+every step (~50 ms a step here), rows that have finished keep running to the end, and
+``num_return_sequences`` runs every prompt's prefill G times. This loop keeps HF's model
+forward, its ``DynamicCache`` and its stop-string criterion, and changes those things:
 
 1. **Shared prefill.** The B distinct prompts go through the model once; the KV cache is then
    repeated to the ``B*G`` rows (``DynamicCache.batch_select_indices``), so row ``b*G + g`` is
@@ -21,6 +20,11 @@ changes only those four things:
    so the model runs on live rows only; its remaining positions hold the pad token, as in
    ``generate``.
 4. **Preallocated output.** Sampled tokens go into one ``[B*G, max_new_tokens]`` tensor.
+
+Measured and not kept: HF's ``StaticCache`` (no per-step concatenation of the cache, but its
+``index_copy_`` write cost as much here, and attention then runs over the full length every
+step), and ``torch.compile`` of the decode forward (minutes of compilation, recompiles as the
+batch shrinks, and slower than eager afterwards on this CPU).
 
 Positions follow the attention mask (``cumsum - 1`` over the left-padded prompt, then +1 per
 token), as ``generate`` computes them, so a completion's log-probs under
