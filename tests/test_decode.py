@@ -244,3 +244,21 @@ def test_the_trainer_samples_with_the_refreshed_copy(tiny, monkeypatch):
     trainer.sampler = None
     trainer.generate(EXAMPLES[:2])
     assert seen["model"] is policy and seen["dtype"] == torch.bfloat16  # the policy under autocast
+
+
+def test_decode_through_a_deepspeed_like_wrapper(tiny, batch):
+    """DeepSpeed's engine forwards to its ``module`` but has a ``config`` dict of its own (as
+    the policy under ZeRO-3 is sampled): the loop takes the HF config from the module."""
+    model, tok = tiny
+    ids, mask = batch
+
+    class Engine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"zero_optimization": {"stage": 3}}
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    kwargs = dict(max_new_tokens=4, eos_token_id=-1, pad_token_id=tok.pad_token_id, do_sample=False)
+    assert torch.equal(decode_groups(Engine(model), ids, mask, 2, **kwargs), decode_groups(model, ids, mask, 2, **kwargs))

@@ -100,8 +100,9 @@ def decode_groups(
     """Sample ``group_size`` completions of each prompt (module docstring).
 
     Args:
-        model: an HF causal LM (``model(input_ids, attention_mask, position_ids, past_key_values,
-            use_cache, logits_to_keep)``), in the dtype and autocast context the caller wants.
+        model: an HF causal LM (``model(input_ids, attention_mask, position_ids, cache,
+            use_cache, logits_to_keep)``), or a wrapper that holds it as ``module`` (DeepSpeed's
+            engine), in the dtype and autocast context the caller wants.
         input_ids: LongTensor ``[B, P]``, left-padded prompts, on the model's device.
         attention_mask: ``[B, P]``, 1 on prompt tokens.
         group_size: G completions per prompt.
@@ -135,7 +136,8 @@ def decode_groups(
     n = b * group_size
     mask = attention_mask.long()
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, P]
-    cache = DynamicCache(config=model.config)
+    # DeepSpeed's engine has a `config` of its own (a dict); the HF config is its module's.
+    cache = DynamicCache(config=getattr(model, "module", model).config)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1)
     expand = torch.arange(b, device=device).repeat_interleave(group_size)  # row b*G + g <- prompt b
