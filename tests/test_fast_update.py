@@ -237,8 +237,8 @@ def test_gradient_checkpointing_gives_the_same_update(tiny, monkeypatch):
     def checkpointed_copy(obj, *args):  # _update_grads trains a deepcopy of the model
         out = original(obj, *args)
         if obj is tiny:
-            out.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            assert out.is_gradient_checkpointing
+            out.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert out.is_activation_checkpointing
         return out
 
     monkeypatch.setattr(copy, "deepcopy", checkpointed_copy)

@@ -231,7 +231,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     model, tokenizer = load_policy(spec)
     model.to(device)
     if cfg.trainer.gradient_checkpointing:  # activations recomputed in backward: less memory, ~1/3 more compute
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     fmt = completion_format(cfg)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, fmt, cfg.prompt.think_text)
     autocast = torch.bfloat16 if cfg.trainer.bf16 else None

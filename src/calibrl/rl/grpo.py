@@ -284,7 +284,7 @@ class GRPOTrainer:
 
         Under gradient checkpointing (``trainer.gradient_checkpointing``) HF turns the KV cache
         off in training mode, so the shared-prefix forward gives way to the plain one."""
-        share = not (grad and getattr(model, "is_gradient_checkpointing", False))
+        share = not (grad and getattr(model, "is_activation_checkpointing", False))
         with torch.set_grad_enabled(grad), autocast(module_device(model), self.autocast_dtype):
             return completion_logprobs(model, rollout, share_prefix=share)
 
