@@ -190,3 +190,26 @@ def test_sft_cache_entry_restores_every_rng(tmp_path):
     entry.copy_eval_files(out)
     assert (out / "eval_sft.jsonl").read_text() == "eval_sft.jsonl"
     assert load_sft_cache(tmp_path / "missing") is None
+
+
+def test_gradient_checkpointing_run_matches_the_plain_run(tmp_path, monkeypatch):
+    """trainer.gradient_checkpointing=true switches HF activation checkpointing on for the run and
+    changes no logged loss or gradient norm (beyond float rounding)."""
+    from transformers import PreTrainedModel
+
+    calls = []
+    enable = PreTrainedModel.activation_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
+                        lambda self, **kw: calls.append(kw) or enable(self, **kw))
+    base = ["model=tiny", "debug=default", "logger.mode=disabled", "seed=3"]
+    run(_compose(base), tmp_path / "plain")
+    assert calls == []
+    run(_compose([*base, "trainer.gradient_checkpointing=true"]), tmp_path / "ckpt")
+    assert calls == [{"activation_checkpointing_kwargs": {"use_reentrant": False}}]
+    plain, ckpt = (_records(tmp_path / d / "metrics.jsonl") for d in ("plain", "ckpt"))
+    keys = ("sft/loss", "train/loss", "train/grad_norm")
+    assert [sorted(k for k in r if k in keys) for r in plain] == [sorted(k for k in r if k in keys) for r in ckpt]
+    for a, b in zip(plain, ckpt):
+        for k in keys:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k
