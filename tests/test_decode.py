@@ -262,3 +262,14 @@ def test_decode_through_a_deepspeed_like_wrapper(tiny, batch):
 
     kwargs = dict(max_new_tokens=4, eos_token_id=-1, pad_token_id=tok.pad_token_id, do_sample=False)
     assert torch.equal(decode_groups(Engine(model), ids, mask, 2, **kwargs), decode_groups(model, ids, mask, 2, **kwargs))
+
+
+@pytest.mark.parametrize("override, match", [("algo.top_p=0", "algo.top_p must be in"), ("algo.top_p=1.5", "algo.top_p must be in"),
+                                             ("algo.temperature=0", "algo.temperature must be > 0")])
+def test_bad_sampling_config_fails_at_start_up(override, match):
+    from conftest import compose_config
+
+    from calibrl.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_config(["model=tiny", "debug=default", override]))

@@ -326,6 +326,7 @@ def validate(cfg: DictConfig) -> None:
         (cfg.deepspeed.backend not in ("auto", "gloo", "nccl"),
          f"unknown deepspeed.backend {cfg.deepspeed.backend!r}; valid choices: auto, gloo, nccl"),
         (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
+        (not 0 < cfg.algo.top_p <= 1, f"algo.top_p must be in (0, 1], got {cfg.algo.top_p}"),
         (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
         (cfg.trainer.save_every < 0, "trainer.save_every must be >= 0 (0: no resumable checkpoints)"),
         (cfg.trainer.keep_last < 1, "trainer.keep_last must be >= 1"),
