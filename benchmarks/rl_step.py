@@ -190,7 +190,7 @@ def _load(w: Workload):
     import torch
     from omegaconf import OmegaConf
 
-    from calibrl.config import completion_format
+    from calibrl.data.format import completion_format
     from calibrl.data import PromptBuilder, build_splits
     from calibrl.models import ModelSpec, load_policy
     from calibrl.rewards import RewardFunction
@@ -287,7 +287,7 @@ def run_calibrl(w: Workload) -> dict[str, Any]:
     import torch
 
     from calibrl.config import rl_warmup_steps
-    from calibrl.pipeline import _optimizer, _scheduler, _settings
+    from calibrl.run.pipeline import _optimizer, _scheduler, _settings
     from calibrl.rl.engine import TorchEngine
     from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
     from calibrl.rl.rollout import SamplingCopy
@@ -305,7 +305,7 @@ def run_calibrl(w: Workload) -> dict[str, Any]:
         collective = True  # the loop then trains every row, as TRL does (module docstring)
 
     engine = (TorchEngine if w.skip_zero_adv else AllRowsEngine)(model, opt, sched, t.max_grad_norm)
-    sampler = SamplingCopy(model) if t.bf16 and t.bf16_sampler else None  # as calibrl.pipeline builds it
+    sampler = SamplingCopy(model) if t.bf16 and t.bf16_sampler else None  # as calibrl.run.pipeline builds it
     if sampler is not None:
         probe.watch(sampler.model)
     trainer = GRPOTrainer(engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, seed=cfg.seed,
@@ -355,7 +355,7 @@ def run_trl(w: Workload) -> dict[str, Any]:
 
     from calibrl.config import rl_warmup_steps
     from calibrl.rl.grpo import example_stream
-    from calibrl.scoring import score_completions
+    from calibrl.rewards.scoring import score_completions
 
     load0 = os.getloadavg()
     cfg, splits, model, tokenizer, prompts, reward_fn = _load(w)

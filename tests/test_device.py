@@ -71,8 +71,8 @@ def test_a_run_asking_for_cuda_without_it_stops_before_loading_anything(monkeypa
     from hydra import compose, initialize_config_dir
 
     from calibrl.config import ConfigError
-    from calibrl.pipeline import run
-    from calibrl.train import CONF_DIR
+    from calibrl.run.pipeline import run
+    from calibrl.cli import CONF_DIR
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

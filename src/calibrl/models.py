@@ -14,7 +14,7 @@
 ``trust_remote_code`` is passed through and is ``False`` unless the config sets it.
 
 :func:`check_model_files` finds a missing local directory, GGUF package or GGUF file at start-up
-(``calibrl.config.validate``), before any data is built or any file written.
+(``calibrl.run.validate.validate``), before any data is built or any file written.
 """
 
 from __future__ import annotations

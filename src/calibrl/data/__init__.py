@@ -6,6 +6,8 @@ question (any train row whose question text is in the eval split is dropped).
 """
 
 from calibrl.data.prompts import PromptBuilder
-from calibrl.data.sources import SOURCES, DataSplits, Example, build_splits
+from calibrl.data.example import Example
+from calibrl.data.format import CompletionFormat
+from calibrl.data.sources import SOURCES, DataSplits, build_splits
 
-__all__ = ["SOURCES", "DataSplits", "Example", "PromptBuilder", "build_splits"]
+__all__ = ["SOURCES", "CompletionFormat", "DataSplits", "Example", "PromptBuilder", "build_splits"]

@@ -20,9 +20,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from calibrl.data.sources import Example
+from calibrl.data.example import Example
 from calibrl.registry import Registry
-from calibrl.rewards.parsing import CompletionFormat
+from calibrl.data.format import CompletionFormat
 
 __all__ = ["PromptBuilder", "CONFIDENCE_POLICIES"]
 
@@ -90,7 +90,7 @@ class PromptBuilder:
 
         The confidence is written with two decimals; ends with the tokenizer's EOS token so
         the model learns to stop. An unanswerable example is demonstrated with the abstain phrase
-        as its answer (abstaining is the correct response to it, :func:`calibrl.scoring.verdict`).
+        as its answer (abstaining is the correct response to it, :func:`calibrl.rewards.scoring.verdict`).
 
         Raises:
             ValueError: ``example`` is unanswerable but the format has no abstain phrase.

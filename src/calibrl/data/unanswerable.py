@@ -1,13 +1,13 @@
 """Unanswerable items: questions with an operand removed, flagged in the data.
 
 A model that may abstain (``prompt.abstain_phrase``) should abstain on these and only these (see
-:func:`calibrl.scoring.verdict`). ``data.unanswerable.train_fraction`` / ``eval_fraction`` turn
+:func:`calibrl.rewards.scoring.verdict`). ``data.unanswerable.train_fraction`` / ``eval_fraction`` turn
 that share of a split's rows into unanswerable ones: one number of the question, chosen at random,
 is replaced by ``placeholder`` (default ``x``), e.g. ``"... problem: 4 + 3 - 12 ="`` becomes
 ``"... problem: 4 + x - 12 ="``, whose value depends on an ``x`` the question never gives. Works
 for tasks whose operands are written as numbers (reasoning-gym ``chain_sum``, ``products``,
 ``basic_arithmetic``, ...). A local table can flag its own rows with an ``unanswerable`` column
-instead (:attr:`calibrl.data.sources.Example.unanswerable`).
+instead (:attr:`calibrl.data.example.Example.unanswerable`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from calibrl.data.sources import Example
+from calibrl.data.example import Example
 
 __all__ = ["make_unanswerable"]
 

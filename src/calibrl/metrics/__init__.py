@@ -7,7 +7,7 @@ that are non-finite or outside [0, 1], or correctness values other than 0/1. The
 - :mod:`calibrl.metrics.calibration`: the metrics (binned calibration errors, Brier and its
   decomposition, log loss, AUROC, risk-coverage / selective prediction).
 - :mod:`calibrl.metrics.abstention`: abstention rate, selective accuracy, over/under-abstention.
-- :mod:`calibrl.metrics.report`: the named set of scalar metrics evaluation reports, with
+- :mod:`calibrl.metrics.summary`: the named set of scalar metrics evaluation reports, with
   bootstrap intervals, overall and per slice.
 """
 
@@ -26,7 +26,7 @@ from calibrl.metrics.calibration import (
     reliability_bins,
     risk_coverage_curve,
 )
-from calibrl.metrics.report import SCALAR_METRICS, bootstrap_ci, metric_report, scalar_metrics, slice_report
+from calibrl.metrics.summary import SCALAR_METRICS, bootstrap_ci, metric_report, scalar_metrics, slice_report
 
 __all__ = [
     "ABSTENTION_KEYS",

@@ -3,7 +3,7 @@
 Each sample is ``(question_id, answer, stated confidence, correct)``. :func:`aggregate` picks one
 answer per question with a voting method and gives it an aggregate confidence, so that the
 accuracy and calibration of the *aggregate* can be compared across methods (as
-:mod:`calibrl.evaluation` reports them). Pure Python/numpy; no models, no torch.
+:mod:`calibrl.eval.evaluator` reports them). Pure Python/numpy; no models, no torch.
 
 Policy, exactly as implemented:
 

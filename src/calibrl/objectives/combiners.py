@@ -19,7 +19,7 @@ contiguous). ``segments[i, t]`` is 0 on the reasoning+answer tokens (up to and i
 token that closes ``</answer>``), 1 on the tokens after it (analysis, confidence), -1 on padding;
 see :func:`segment_ids`. Combiners that ignore the boundary accept ``completion_mask - 1``.
 Advantages are exactly 0 on padding. "Group-normalise" below means
-:func:`calibrl.rl.advantages.group_advantages` applied group by group: subtract the group mean,
+:func:`calibrl.objectives.advantages.group_advantages` applied group by group: subtract the group mean,
 divide by the unbiased group std floored at ``std_floor``, exact 0 where the group's values are
 all equal. Write ``r_o = sum_{k in o} weights[k] * rewards[:, k]`` for the weighted reward of
 objective o.
@@ -62,10 +62,10 @@ from typing import Any, Protocol
 
 import torch
 
-from calibrl.confidence_signals import span_tokens, token_char_ends
+from calibrl.rewards.spans import span_tokens, token_char_ends
 from calibrl.registry import Registry
 from calibrl.rewards.parsing import ParsedCompletion
-from calibrl.rl.advantages import group_advantages
+from calibrl.objectives.advantages import group_advantages
 
 __all__ = ["COMBINERS", "OBJECTIVES", "OBJECTIVE_OF", "Combiner", "objective_of", "segment_ids"]
 
@@ -278,7 +278,7 @@ def segment_ids(
 
     The boundary is the character offset where the answer's closing tag ``</{answer_tag}>`` ends
     (the first one at or after ``answer_span[1]``). Tokens are mapped to characters with
-    :func:`calibrl.confidence_signals.token_char_ends`. A token is in segment 0 when it ends at or
+    :func:`calibrl.rewards.spans.token_char_ends`. A token is in segment 0 when it ends at or
     before the boundary *or* starts before it: a token that straddles the boundary (SmolLM2
     writes ``</answer><confidence>`` with a single ``><`` token) still closes the answer, and the
     answer is what it is mostly responsible for. Segment 1 is therefore the tokens that lie

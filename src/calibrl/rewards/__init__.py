@@ -10,11 +10,10 @@ from calibrl.rewards.components import (
     weighted_sum,
 )
 from calibrl.rewards.guard import GuardedVerdicts, VerifierGuard
-from calibrl.rewards.parsing import CompletionFormat, ParsedCompletion, parse_completion, parse_confidence
+from calibrl.rewards.parsing import ParsedCompletion, parse_completion, parse_confidence
 
 __all__ = [
     "COMPONENTS",
-    "CompletionFormat",
     "GuardedVerdicts",
     "ParsedCompletion",
     "RewardBatch",

@@ -24,7 +24,7 @@ abstention     1 on an abstention that is   [0, 1]            0
                question), else 0
 =============  ===========================  ================  =========================
 
-``c`` is the verdict of :func:`calibrl.scoring.verdict`: an abstention is correct on an
+``c`` is the verdict of :func:`calibrl.rewards.scoring.verdict`: an abstention is correct on an
 unanswerable question (it earns ``correctness`` 1 there) and wrong on an answerable one, where it
 earns the ``abstention`` weight ``w`` instead. Answering pays 1 if right and 0 if wrong, so
 abstention is worth it when the chance of being right is low: with weights correctness 1,
@@ -57,7 +57,6 @@ from calibrl.rewards.scoring_rules import SCORING_RULES
 
 __all__ = [
     "COMPONENTS",
-    "COMBINERS",
     "RewardComponent",
     "RewardBatch",
     "RewardFunction",
@@ -168,7 +167,7 @@ class RewardBatch:
         counters: per-batch counts of the verifier guard, metric key -> count
             (:data:`calibrl.rewards.guard.COUNTERS`: ``rewards/verifier_timeouts``,
             ``rewards/verifier_too_long``, ``rewards/verifier_errors``); filled by
-            :func:`calibrl.scoring.score_completions`, empty when the batch was scored directly.
+            :func:`calibrl.rewards.scoring.score_completions`, empty when the batch was scored directly.
     """
 
     components: dict[str, np.ndarray]
@@ -187,7 +186,7 @@ class RewardFunction:
             :data:`COMPONENTS`.
         guard: size cap and time limit of the verifier calls that decide ``correct``
             (:mod:`calibrl.rewards.guard`; default: 5 s per answer, answers up to 8192 characters).
-            :func:`calibrl.scoring.score_completions` verifies through it.
+            :func:`calibrl.rewards.scoring.score_completions` verifies through it.
 
     Raises:
         KeyError: unknown component (the message lists the valid ones).

@@ -29,7 +29,7 @@ worker is a ``fork`` of this process made at first use: it already holds every v
 dataset object, closures included, so nothing has to be importable or picklable, and it stays up
 between batches, keeping warm caches (math-verify's first call in a fresh process takes ~0.4 s,
 later ones ~2 ms). A batch reaches it pickled: plain data (str, numbers, containers, frozen
-dataclass records such as :class:`~calibrl.data.sources.Example`) by value, every other object (the
+dataclass records such as :class:`~calibrl.data.example.Example`) by value, every other object (the
 verifier, a bound method, a reasoning-gym dataset) as a key into the table of objects the worker
 inherited. A batch that needs an object made after the fork re-forks the worker first.
 

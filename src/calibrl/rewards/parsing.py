@@ -55,7 +55,7 @@ well-formed completion whose answer equals the abstain phrase after trimming, ca
 collapsing whitespace and dropping one trailing period (``"I don't know."`` matches
 ``"i don't  know"``) is an *abstention* (``abstained=True``). It still needs a confidence: the
 stated confidence is the probability that the *response* is correct, see
-:func:`calibrl.scoring.verdict` for when an abstention is correct. A format failure never abstains.
+:func:`calibrl.rewards.scoring.verdict` for when an abstention is correct. A format failure never abstains.
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
+from calibrl.data.format import CompletionFormat, normalize_answer
+
 __all__ = [
     "MAX_CONFIDENCE_CHARS",
-    "CompletionFormat",
     "ParsedCompletion",
-    "normalize_answer",
     "parse_completion",
     "parse_confidence",
 ]
@@ -91,33 +91,6 @@ _NUMBER = re.compile(
 # Unicode categories that print nothing: controls (NUL), format characters (zero-width space,
 # BOM), separators. An answer made only of these is empty.
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
-
-
-@dataclass(frozen=True)
-class CompletionFormat:
-    """Tag names of the completion format. Every tag is written ``<name>…</name>``.
-
-    Attributes:
-        think: scratch tag before the answer (contents ignored by the parser).
-        answer: tag that holds the final answer.
-        analysis: optional scratch tag between answer and confidence (contents ignored).
-        confidence: tag that holds the stated probability of being correct.
-        abstain: the answer that means "I abstain" (``None``: abstention is off, no answer is
-            an abstention).
-
-    Raises:
-        ValueError: ``abstain`` is set but blank.
-    """
-
-    think: str = "think"
-    answer: str = "answer"
-    analysis: str = "analysis"
-    confidence: str = "confidence"
-    abstain: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.abstain is not None and not normalize_answer(self.abstain):
-            raise ValueError(f"the abstain phrase must be non-blank, got {self.abstain!r}")
 
 
 @dataclass(frozen=True)
@@ -141,12 +114,6 @@ class ParsedCompletion:
     answer_span: tuple[int, int] | None = None
     confidence_span: tuple[int, int] | None = None
     abstained: bool = False
-
-
-def normalize_answer(text: str) -> str:
-    """``text`` trimmed, case-folded, whitespace collapsed, one trailing period dropped: the form
-    in which an answer is compared with the abstain phrase."""
-    return re.sub(r"\s+", " ", text.strip().removesuffix(".").strip()).casefold()
 
 
 def parse_confidence(text: str) -> tuple[float | None, str | None]:

@@ -13,7 +13,7 @@ The algorithm, exactly as implemented (one RL step):
    generated in halves, down to ``trainer.min_generation_batch`` prompts per call
    (:func:`calibrl.rl.rollout.generate_rollout`; counted in ``perf/generation_oom_retries``).
 3. **Rewards.** Parse every completion (:func:`calibrl.rewards.parse_completion`), take its
-   verdict (:func:`calibrl.scoring.verdict`: the task's verifier on the parsed answer; with
+   verdict (:func:`calibrl.rewards.scoring.verdict`: the task's verifier on the parsed answer; with
    ``prompt.abstain_phrase`` an abstention is right exactly on unanswerable questions), compute
    each reward component (``reward.weights`` names them
    and weighs them; their weighted sum is logged as ``rewards/total``). Every reward is checked
@@ -48,7 +48,7 @@ The algorithm, exactly as implemented (one RL step):
    in ``train/skipped_steps``: a micro-batch loss that is not finite skips its backward and the
    rest of the step (gradients zeroed, no optimizer or scheduler step), and so does a non-finite
    gradient norm. ``train/bad_steps_in_row`` counts consecutive RL steps with a skipped update;
-   the pipeline stops the run at ``trainer.max_bad_steps_in_row`` (:mod:`calibrl.pipeline`).
+   the pipeline stops the run at ``trainer.max_bad_steps_in_row`` (:mod:`calibrl.run.pipeline`).
    Under DeepSpeed nothing can be skipped (every rank must run every micro-batch, and DeepSpeed
    applies the update itself): a non-finite loss makes the gradient norm non-finite, which
    raises ``FloatingPointError`` and stops the run.
@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 from calibrl.data.prompts import PromptBuilder
-from calibrl.data.sources import Example
+from calibrl.data.example import Example
 from calibrl.device import autocast, module_device
 from calibrl.distributed import DistInfo, all_reduce_sum, gather_objects
 from calibrl.metrics import abstention_metrics, calibration_summary
@@ -87,7 +87,7 @@ from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, rewar
 from calibrl.rl.engine import Engine
 from calibrl.rl.loss import clipped_policy_loss
 from calibrl.rl.rollout import Rollout, SamplingCopy, completion_logprobs, generate_rollout
-from calibrl.scoring import score_completions
+from calibrl.rewards.scoring import score_completions
 
 __all__ = ["GRPOSettings", "GRPOTrainer", "example_stream"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from calibrl.data.prompts import CONFIDENCE_POLICIES, PromptBuilder
-from calibrl.data.sources import Example
+from calibrl.data.example import Example
 from calibrl.device import autocast, module_device
 
 __all__ = ["SFTSettings", "sft_batches", "sft_warmup"]

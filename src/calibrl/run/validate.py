@@ -1,0 +1,110 @@
+"""Start-up validation of the main job's composed config: every registry name resolved, every
+value checked, before any data or model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from calibrl.config import ConfigError
+from calibrl.data.format import completion_format
+from calibrl.device import DEVICES
+
+__all__ = ["validate"]
+
+
+def _local_path(path: str) -> bool:
+    # What the loaders treat as a local path rather than a hub id.
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (".jsonl", ".json", ".parquet", ".csv")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Resolve every registry name, build the reward function and check local paths, before any
+    heavy work.
+
+    Raises:
+        ConfigError: an unknown registry name (the message lists the valid choices) or
+            inconsistent settings (the message names the key).
+        FileNotFoundError: a local model or data path that does not exist.
+    """
+    from calibrl.data.prompts import CONFIDENCE_POLICIES
+    from calibrl.data.sources import SOURCES, VERIFIERS
+    from calibrl.eval.evaluator import EvalSettings
+    from calibrl.objectives import COMBINERS, objective_of
+    from calibrl.rewards import RewardFunction
+    from calibrl.rl.loss import LOSS_AGG
+
+    try:
+        completion_format(cfg)
+        RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
+        COMBINERS.get(cfg.objective.combine)
+        for component in cfg.reward.weights:
+            objective_of(component)
+        LOSS_AGG.get(cfg.algo.loss_agg)
+        SOURCES.get(cfg.data.source)
+        if cfg.data.source == "hf":
+            VERIFIERS.get(cfg.data.verifier)
+        CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
+        EvalSettings.from_config(cfg.eval)
+        if cfg.deepspeed.enabled:
+            from calibrl.rl.deepspeed_engine import deepspeed_config
+
+            deepspeed_config(stage=cfg.deepspeed.stage, offload=cfg.deepspeed.offload, fp16=cfg.deepspeed.fp16,
+                             micro_batch_size=cfg.trainer.micro_batch_size, accumulation_steps=1,
+                             max_grad_norm=cfg.trainer.max_grad_norm)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(err.args[0]) from err
+    checks = [
+        (cfg.data.source == "hf" and not cfg.data.path, "data.source=hf needs data.path (a hub id or a local file)"),
+        (cfg.data.source == "reasoning_gym" and not cfg.data.task, "data.source=reasoning_gym needs data.task"),
+        (cfg.model.kind not in ("gguf", "tiny", "hf"), f"unknown model.kind {cfg.model.kind!r}; valid choices: gguf, hf, tiny"),
+        (cfg.logger.mode not in ("offline", "online", "disabled"),
+         f"unknown logger.mode {cfg.logger.mode!r}; valid choices: disabled, offline, online"),
+        (cfg.algo.name != "grpo", f"unknown algo.name {cfg.algo.name!r}; valid choices: grpo"),
+        (cfg.trainer.device not in DEVICES, f"unknown trainer.device {cfg.trainer.device!r}; valid choices: {', '.join(DEVICES)}"),
+        (cfg.deepspeed.backend not in ("auto", "gloo", "nccl"),
+         f"unknown deepspeed.backend {cfg.deepspeed.backend!r}; valid choices: auto, gloo, nccl"),
+        (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
+        (not 0 < cfg.algo.top_p <= 1, f"algo.top_p must be in (0, 1], got {cfg.algo.top_p}"),
+        (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
+        (cfg.trainer.save_every < 0, "trainer.save_every must be >= 0 (0: no resumable checkpoints)"),
+        (cfg.trainer.keep_last < 1, "trainer.keep_last must be >= 1"),
+        (cfg.trainer.max_bad_steps_in_row < 0, "trainer.max_bad_steps_in_row must be >= 0 (0: never stop)"),
+        (cfg.trainer.min_generation_batch < 1, "trainer.min_generation_batch must be >= 1"),
+        (cfg.data.on_bad_row not in ("error", "skip"),
+         f"unknown data.on_bad_row {cfg.data.on_bad_row!r}; valid choices: error, skip"),
+        (cfg.trainer.warmup_ratio is not None and cfg.trainer.warmup_steps != 0,
+         f"trainer.warmup_ratio={cfg.trainer.warmup_ratio} and trainer.warmup_steps={cfg.trainer.warmup_steps} are "
+         "both set; set one (trainer.warmup_steps=0 to use the ratio, trainer.warmup_ratio=null to use the steps)"),
+        (cfg.trainer.warmup_ratio is not None and not 0 <= cfg.trainer.warmup_ratio <= 1,
+         f"trainer.warmup_ratio must be in [0, 1], got {cfg.trainer.warmup_ratio}"),
+        ("abstention" in cfg.reward.weights and cfg.prompt.abstain_phrase is None,
+         "reward.weights.abstention needs prompt.abstain_phrase (the answer that abstains), e.g. prompt=tags_abstain"),
+        (cfg.data.unanswerable.train_fraction > 0 and cfg.prompt.abstain_phrase is None,
+         "data.unanswerable.train_fraction > 0 needs prompt.abstain_phrase: the model must be able to abstain "
+         "on the unanswerable items it is trained on (e.g. prompt=tags_abstain)"),
+    ]
+    for key, low in (
+        ("algo.group_size", 2),
+        ("algo.prompts_per_step", 1),
+        ("algo.max_new_tokens", 1),
+        ("algo.ppo_epochs", 1),
+        ("trainer.micro_batch_size", 1),
+        ("data.eval_size", 1),
+        ("data.train_size", 1),
+    ):
+        checks.append((OmegaConf.select(cfg, key) < low, f"{key} must be >= {low}, got {OmegaConf.select(cfg, key)}"))
+    for failed, message in checks:
+        if failed:
+            raise ConfigError(message)
+    for key, path in (("model.name_or_path", cfg.model.kind == "hf" and cfg.model.name_or_path),
+                      ("data.path", cfg.data.source == "hf" and cfg.data.path)):
+        if path and _local_path(path) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{key} {path!r} does not exist")
+    from calibrl.models import ModelSpec, check_model_files
+
+    try:
+        check_model_files(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True)))
+    except TypeError as err:  # a key in model.tokenizer_from that is not a model setting
+        raise ConfigError(f"model.tokenizer_from: {err}") from err

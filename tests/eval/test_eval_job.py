@@ -1,0 +1,206 @@
+"""calibrl-eval end to end on a tiny run: the files it writes, agreement with the training eval,
+checkpoint kinds, out-of-domain and local JSONL sets, and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from calibrl.run.pipeline import run
+from calibrl.cli import CONF_DIR
+from helpers import REPO
+
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _eval_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "calibrl.eval.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "debug=default", "trainer.eval_every=1", "trainer.max_steps=2"])
+    run(cfg, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def eval_out(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    proc = _eval_cli(f"checkpoint={tiny_run}", f"hydra.run.dir={out}", "logger.mode=offline",
+                     "eval_sets.products.eval_size=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_writes_report_predictions_plots_and_wandb(eval_out):
+    out, proc = eval_out
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["datasets"]) == {"chain_sum", "products"}
+    cs = report["datasets"]["chain_sum"]
+    assert cs["n_questions"] == 8 and cs["accuracy"]["n_valid"] >= 0
+    for key in ("value", "ci_low", "ci_high", "n_valid"):
+        assert key in cs["accuracy"]
+    preds = _records(out / "predictions.jsonl")
+    # debug=default: 8 in-domain questions, 4 out-of-domain, 1 sample each.
+    assert len(preds) == 12 and {p["dataset"] for p in preds} == {"chain_sum", "products"}
+    assert {"id", "completion", "answer", "confidence", "answer_prob", "lowest_window_prob", "correct"} <= set(preds[0])
+    assert list((out / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert "chain_sum" in proc.stdout and "eval.json" in proc.stdout
+
+
+def test_plots_written_when_a_completion_is_well_formed(tiny_run, tmp_path):
+    # A random tiny model never writes the format, so plots come from a hand-made result.
+    from calibrl.eval.job import _plots
+    from calibrl.eval.evaluator import EvalResult, EvalSettings
+
+    rows = [{"correct": c, "format_ok": True, "confidence": q, "answer_prob": 0.5, "lowest_window_prob": None}
+            for q, c in ((0.9, 1), (0.2, 0), (0.7, 1))]
+    images = _plots(EvalResult("toy", rows), EvalSettings(), tmp_path)
+    assert set(images) == {"toy/reliability", "toy/confidence_hist"}
+    for path in images.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_numbers_equal_the_training_eval_of_the_same_checkpoint(tiny_run, eval_out):
+    out, _ = eval_out
+    train_evals = [r for r in _records(tiny_run / "metrics.jsonl") if "eval/chain_sum/accuracy" in r]
+    # trainer.eval_every=1 with 2 RL steps: after SFT, after step 1, final.
+    assert len(train_evals) == 3
+    final = train_evals[-1]
+    (record,) = _records(out / "metrics.jsonl")
+    keys = [k for k in final if k.startswith("eval/chain_sum/")]
+    assert keys and keys == [k for k in record if k.startswith("eval/chain_sum/")]
+    for k in keys:
+        assert _same(final[k], record[k]), (k, final[k], record[k])
+    # Same completions, too.
+    train_preds = _records(tiny_run / "eval_final.jsonl")
+    eval_preds = [p for p in _records(out / "predictions.jsonl") if p["dataset"] == "chain_sum"]
+    assert [p["completion"] for p in train_preds] == [p["completion"] for p in eval_preds]
+
+
+def test_hf_directory_and_cli_overrides_of_run_settings(tiny_run, tmp_path):
+    proc = _eval_cli(f"checkpoint={tiny_run / 'checkpoint'}", f"hydra.run.dir={tmp_path}", "logger.mode=disabled",
+                     "model.name=unused", "data.eval_size=3", "eval_sets=none", "eval.n_bootstrap=0", "bf16=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_records(tmp_path / "predictions.jsonl")) == 3
+    # A run directory's settings are used, but the command line still wins.
+    out = tmp_path / "samples"
+    proc = _eval_cli(f"checkpoint={tiny_run}", f"hydra.run.dir={out}", "logger.mode=disabled", "eval_sets=none",
+                     "eval.n_samples=2", "eval.do_sample=true", "eval.n_bootstrap=0", "data.eval_size=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())["datasets"]["chain_sum"]
+    assert report["n_questions"] == 3 and report["n_samples"] == 2
+    assert set(report["voting"]) == {"majority", "confidence_weighted", "best_of_n"}
+    assert len(_records(out / "predictions.jsonl")) == 6
+
+
+def test_eval_json_is_strict_json(eval_out):
+    out, _ = eval_out
+    text = (out / "eval.json").read_text()
+    # a random tiny model writes no well-formed completion: undefined values are null, not NaN
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_model_overrides_apply_on_top_of_a_preset_or_run(tiny_run, tmp_path):
+    out = tmp_path / "preset"
+    # (`model=tiny` so Hydra can compose the nested keys; the preset is then loaded with them)
+    proc = _eval_cli("checkpoint=tiny", "model=tiny", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
+                     f"hydra.run.dir={out}", "logger.mode=disabled", "eval_sets=none", "data.eval_size=2",
+                     "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert OmegaConf.load(out / "config_resolved.yaml").model.tiny.hidden_size == 32
+    # the `hf` preset takes its path from the command line
+    out = tmp_path / "hf"
+    proc = _eval_cli("checkpoint=hf", f"model.name_or_path={tiny_run / 'checkpoint'}", f"hydra.run.dir={out}",
+                     "logger.mode=disabled", "eval_sets=none", "data.eval_size=2", "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert OmegaConf.load(out / "config_resolved.yaml").model.name == str(tiny_run / "checkpoint")
+    # with a run directory: the run's model, plus the command line's model.* values
+    out = tmp_path / "run"
+    proc = _eval_cli(f"checkpoint={tiny_run}", "model.chat_template=null", "model.name=mine", f"hydra.run.dir={out}",
+                     "logger.mode=disabled", "eval_sets=none", "data.eval_size=2", "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = OmegaConf.load(out / "config_resolved.yaml")
+    assert resolved.model.name == "mine" and resolved.model.kind == "hf" and resolved.data.name == "chain_sum"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "q1", "answer": "1"}\n{"question": "q2"}\n', "row 2 (1-based) has no value for field 'answer'"),
+        ("", "is empty"),
+        ("{not json\n", "could not be read as .jsonl"),
+    ],
+    ids=["missing_answer", "empty", "malformed"],
+)
+def test_bad_local_data_is_one_line_in_both_entry_points(tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    ev = _eval_cli("checkpoint=tiny", f"hydra.run.dir={tmp_path / 'e'}", "logger.mode=disabled", "eval_sets=none",
+                   "data=jsonl", f"data.path={data}", "data.eval_size=2")
+    tr = subprocess.run([sys.executable, "-m", "calibrl.train", "model=tiny", "debug=default", "data=jsonl",
+                         f"data.path={data}", f"hydra.run.dir={tmp_path / 't'}"],
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+    for proc in (ev, tr):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_local_jsonl_eval_set_from_the_command_line(tiny_run, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    proc = _eval_cli(f"checkpoint={tiny_run}", f"hydra.run.dir={out}", "logger.mode=disabled", "eval_sets=none",
+                     "+data@eval_sets.mine=jsonl", "eval_sets.mine.name=mine", f"eval_sets.mine.path={data}",
+                     "eval_sets.mine.eval_size=3", "eval.n_bootstrap=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())["datasets"]
+    assert set(report) == {"chain_sum", "mine"} and report["mine"]["n_questions"] == 3
+
+
+def test_run_directory_without_a_saved_model(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config_resolved.yaml").write_text((tiny_run / "config_resolved.yaml").read_text())
+    proc = _eval_cli(f"checkpoint={run_dir}", f"hydra.run.dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "without a saved model" in proc.stderr and "save_checkpoint=false" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["checkpoint=/no/such/dir"], "is not a run directory"),
+        (["checkpoint=tiny", "eval.n_samples=3"], "needs eval.do_sample=true"),
+        (["checkpoint=tiny", "eval.windw=3"], "unknown config key 'eval.windw'"),
+        (["checkpoint=tiny", "eval.slice_by=[nope]", "eval_sets=none"], "no field 'nope'"),
+        (["checkpoint=tiny", "reward.weights.brierr=1"], "brierr"),
+        (["checkpoint=tiny", "data.task=bogus", "eval_sets=none"], "unknown reasoning-gym task 'bogus'"),
+        (["checkpoint=tiny", "eval_sets.products.eval_size=0"], "eval_size must be >= 1"),
+        (["checkpoint=tiny", "evl.n_samples=2"], "unknown config key 'evl'. Did you mean eval?"),
+    ],
+)
+def test_errors_are_one_clear_line(args, message, tmp_path):
+    proc = _eval_cli(*args, f"hydra.run.dir={tmp_path}", "logger.mode=disabled")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
