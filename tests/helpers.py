@@ -6,6 +6,9 @@
 - :func:`compose_config`, :func:`read_records`: the real training config and a run's metrics file.
 - :func:`tiny_spec`, :func:`hand_rollout`, :func:`make_trainer`: the tiny random Llama, a
   hand-made rollout and a GRPO trainer over it.
+- :func:`write_run_dir`, :class:`FakeWandbRun`, :class:`FakeWandbApi`: ``calibrl-compare`` input
+  (run directories of arms ``a`` and ``b`` x seeds 0 and 1, :data:`RUN_EVALS`, with metrics worked
+  out by hand) and the same runs behind a fake ``wandb.Api``.
 """
 
 from __future__ import annotations
@@ -119,3 +122,112 @@ def make_trainer(model, tok, builder, **settings) -> GRPOTrainer:
         engine, tok, builder, EXAMPLES, lambda a, e: a is not None and exact_match(a, e) >= 1,
         RewardFunction(RLCR), s,
     )
+
+
+# --- calibrl-compare input ---------------------------------------------------------------------
+def _pred(conf, correct, ok=True):
+    return {"confidence": conf if ok else None, "correct": correct, "format_ok": ok}
+
+
+# Prediction sets of two samples, with their metrics worked out by hand (10 uniform ECE bins).
+# P_A: q 0.9 right and wrong: accuracy 0.5; one bin, ECE |0.5 - 0.9| = 0.4; Brier (0.01 + 0.81) / 2
+#      = 0.41; AUROC 0.5 (a tie).
+# P_B: 0.8 right, 0.2 wrong: accuracy 0.5; two bins, each gap 0.2 -> ECE 0.2; Brier 0.04; AUROC 1.
+# P_C: 0.6 right twice: accuracy 1; ECE 0.4; Brier 0.16; AUROC undefined (one class).
+# P_D: 0.5 right, then a format failure (wrong): accuracy 0.5, format rate 0.5; over the one
+#      well-formed row ECE 0.5, Brier 0.25, AUROC undefined.
+P_A = [_pred(0.9, 1), _pred(0.9, 0)]
+P_B = [_pred(0.8, 1), _pred(0.2, 0)]
+P_C = [_pred(0.6, 1), _pred(0.6, 1)]
+P_D = [_pred(0.5, 1), _pred(None, 0, ok=False)]
+_NAN = float("nan")
+_LOGGED = {  # what calibrl-train logs as eval/<dataset>/<metric> for each set (read from W&B)
+    id(P_A): {"accuracy": 0.5, "format_rate": 1.0, "ece": 0.4, "brier": 0.41, "auroc": 0.5, "confidence_mean": 0.9},
+    id(P_B): {"accuracy": 0.5, "format_rate": 1.0, "ece": 0.2, "brier": 0.04, "auroc": 1.0, "confidence_mean": 0.5},
+    id(P_C): {"accuracy": 1.0, "format_rate": 1.0, "ece": 0.4, "brier": 0.16, "auroc": _NAN, "confidence_mean": 0.6},
+    id(P_D): {"accuracy": 0.5, "format_rate": 0.5, "ece": 0.5, "brier": 0.25, "auroc": _NAN, "confidence_mean": 0.5},
+}
+# Eval points per run (arm, seed): sft (RL step 0), step2, final (after RL step 4).
+RUN_EVALS = {
+    ("a", 0): {"sft": P_A, "step2": P_B, "final": P_C},
+    ("a", 1): {"sft": P_A, "step2": P_C, "final": P_B},
+    ("b", 0): {"sft": P_D, "step2": P_A, "final": P_A},
+    ("b", 1): {"sft": P_D, "step2": P_B, "final": P_A},
+}
+# train/accuracy per RL step 1..4 (train/ece is 1 - it); a1 logged NaN at step 4 (e.g. no
+# well-formed rollout).
+TRAIN_ACCURACY = {("a", 0): [0.1, 0.2, 0.3, 0.4], ("a", 1): [0.3, 0.4, 0.5, _NAN], ("b", 0): [0.5] * 4,
+                  ("b", 1): [0.7] * 4}
+
+
+def run_records(arm: str, seed: int, last_rl: int = 4) -> list[dict]:
+    """The metrics.jsonl records of run (arm, seed): SFT step 1 and its eval, RL steps at global
+    steps 2..5 (train/rl_step 1..``last_rl``), eval after RL step 2 and, when ``last_rl`` is 4,
+    the final eval after RL step 4."""
+    evals = RUN_EVALS[(arm, seed)]
+
+    def ev(stage, step):
+        return {"step": step} | {f"eval/ds/{k}": v for k, v in _LOGGED[id(evals[stage])].items()} | {
+            "eval/ds/slice/x/accuracy": 0.0}  # deeper keys are not metrics of the dataset
+
+    out = [{"step": 1, "sft/loss": 1.0}, ev("sft", 1)]
+    for rl in range(1, last_rl + 1):
+        acc = TRAIN_ACCURACY[(arm, seed)][rl - 1]
+        out.append({"step": 1 + rl, "train/rl_step": rl, "train/accuracy": acc, "train/ece": 1 - acc, "train/brier": 0.25,
+                    "train/auroc": 0.5, "train/confidence_mean": 0.5, "rewards/total/mean": acc})
+        if rl == 2:
+            out.append(ev("step2", 1 + rl))
+    if last_rl == 4:
+        out.append(ev("final", 5))
+    return out
+
+
+def write_run_dir(root: Path, arm: str, seed: int, *, brier: float = 0.5, finished: bool = True,
+                  name: str | None = None, like: tuple[str, int] | None = None) -> Path:
+    """A ``calibrl-train`` run directory ``root/<name or arm+seed>`` of (arm, seed) (config with
+    ``experiment_name``, ``seed``, ``reward.weights.brier``) holding the records and predictions
+    of run ``like`` (default: itself); unfinished: stopped after RL step 3, no final eval."""
+    like = like or (arm, seed)
+    d = root / (name or f"{arm}{seed}")
+    d.mkdir()
+    (d / "config_resolved.yaml").write_text(
+        f"experiment_name: {arm}\nseed: {seed}\nreward:\n  weights:\n    brier: {brier}\n")
+    records = run_records(*like, 4 if finished else 3)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN written as NaN
+    for stage, rows in RUN_EVALS[like].items():
+        if finished or stage != "final":
+            lines = (json.dumps(r | {"id": f"q{i}"}) + "\n" for i, r in enumerate(rows))
+            (d / f"eval_{stage}.jsonl").write_text("".join(lines))
+    return d
+
+
+class FakeWandbRun:
+    """A W&B run of (arm, seed) as ``wandb.Api().runs`` yields it, with :func:`run_records` as
+    its history (SFT enabled, no raw-model eval)."""
+
+    def __init__(self, arm: str, seed: int, finished: bool = True):
+        self.id = f"{arm}{seed}"
+        self.config = {"experiment_name": arm, "seed": seed, "trainer": {"sft": {"enabled": True}},
+                       "eval": {"raw_model": False}, "_wandb": {"x": 1}}
+        self.summary_metrics = {"final/accuracy": 0.5} if finished else {}
+        self._records = run_records(arm, seed, 4 if finished else 3)
+
+    def scan_history(self) -> list[dict]:
+        """The records, merged per step under ``_step`` as W&B does, NaN as the string ``"NaN"``."""
+        rows: dict[int, dict] = {}
+        for rec in self._records:
+            rows.setdefault(rec["step"], {"_step": rec["step"], "_runtime": 1.0}).update(
+                {k: ("NaN" if isinstance(v, float) and v != v else v) for k, v in rec.items() if k != "step"})
+        return list(rows.values())
+
+
+class FakeWandbApi:
+    """A ``wandb.Api`` stand-in whose ``runs`` returns the given runs and records each call in
+    ``calls`` as ``(path, filters)``."""
+
+    def __init__(self, runs: list[FakeWandbRun]):
+        self._runs, self.calls = runs, []
+
+    def runs(self, path: str, filters: dict | None = None) -> list[FakeWandbRun]:
+        self.calls.append((path, filters))
+        return self._runs

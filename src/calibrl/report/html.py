@@ -2,7 +2,8 @@
 
 Nothing is loaded from anywhere when the page is opened: no scripts, no fonts, no stylesheets
 but the inline one, images as ``data:image/png;base64,...`` URIs. Every text that goes into the
-page is HTML-escaped. :mod:`calibrl.report.compare` builds its ``report.html`` with it.
+page is HTML-escaped. :mod:`calibrl.report.render` builds ``calibrl-compare``'s
+``report.html`` with it.
 """
 
 from __future__ import annotations
