@@ -119,10 +119,19 @@ def test_calibrated_policy_abstains_below_sqrt_of_the_abstention_weight(p, absta
     assert bool(r.total[2] > answer_value) is abstain_better
 
 
-@pytest.mark.parametrize("w", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("w", [1.0, 1.5])
 def test_abstention_weight_must_stay_below_correctness(w):
-    with pytest.raises(ValueError, match="abstaining pays as much as a right answer"):
+    with pytest.raises(ValueError, match="abstaining pays at least as much as a right answer"):
         RewardFunction({**ABSTAIN_WEIGHTS, "abstention": w})
+
+
+def test_negative_abstention_weight_is_refused_for_what_it_does():
+    # Besides the format term, abstaining at confidence 0 totals w (its Brier term is 0) and a
+    # wrong answer at confidence 0 totals 0: with w < 0 abstaining scores below a wrong answer.
+    with pytest.raises(ValueError) as err:
+        RewardFunction({**ABSTAIN_WEIGHTS, "abstention": -0.1})
+    assert str(err.value) == ("reward.weights.abstention=-0.1 must be >= 0 (a negative weight makes abstaining "
+                              "score below a wrong answer)")
 
 
 def test_segment_combiner_puts_the_abstention_advantage_before_the_answer_closes():
@@ -270,7 +279,7 @@ def _compose(overrides):
         (["reward=rlcr_abstain"], "reward.weights.abstention needs prompt.abstain_phrase"),
         (["data.unanswerable.train_fraction=0.1"], "train_fraction > 0 needs prompt.abstain_phrase"),
         (["experiment=abstain", "prompt.abstain_phrase=' '"], "non-blank"),
-        (["experiment=abstain", "reward.weights.abstention=1.0"], "abstaining pays as much"),
+        (["experiment=abstain", "reward.weights.abstention=1.0"], "abstaining pays at least as much"),
     ],
 )
 def test_inconsistent_abstention_settings_fail_at_start_up(overrides, match):

@@ -255,3 +255,66 @@ def test_no_reward_is_ever_nan():
             assert np.all(np.isfinite(arr))
         m = reward_metrics(batch.components, batch.total)
         assert all(math.isfinite(v) for v in m.values())
+
+
+# --------------------------------------------------------------------------- weight signs
+
+
+@pytest.mark.parametrize(
+    "weights, key",
+    [
+        ({"correctness": 1.0, "brier": -1.0, "format": 0.5}, "brier"),
+        # format 2 covers the gap, so only the sign check stands between this and a run that
+        # rewards miscalibration.
+        ({"correctness": 1.0, "brier": -1.0, "format": 2.0}, "brier"),
+        ({"correctness": 1.0, "log_score": -0.25, "format": 5.0}, "log_score"),
+        ({"correctness": 1.0, "spherical_score": -1.0, "format": 2.0}, "spherical_score"),
+        ({"correctness": -1.0, "brier": 1.0, "format": 2.0}, "correctness"),
+    ],
+    ids=["brier", "brier-format-2", "log", "spherical", "correctness"],
+)
+def test_negative_weight_on_scoring_rule_or_correctness_is_refused(weights, key):
+    with pytest.raises(ValueError) as err:
+        RewardFunction.from_config({"weights": weights})
+    msg = str(err.value)
+    assert msg.startswith(f"reward.weights.{key}={weights[key]:g}: ")
+    assert "must be >= 0" in msg and "\n" not in msg
+    assert "format" not in msg  # the format weight is not the problem
+
+
+def test_negative_brier_message_exact():
+    with pytest.raises(ValueError) as err:
+        RewardFunction.from_config({"weights": {"correctness": 1.0, "brier": -1, "format": 2.0}})
+    assert str(err.value) == (
+        "reward.weights.brier=-1: a proper scoring rule's weight must be >= 0 "
+        "(a negative weight rewards miscalibration)"
+    )
+
+
+def test_every_scoring_rule_component_declares_its_kind():
+    # Every registered scoring rule is offered as a component of kind scoring_rule, so the sign
+    # check covers it without naming it.
+    kinds = {name: COMPONENTS.get(name).kind for name in COMPONENTS.names()}
+    assert kinds["correctness"] == "correctness"
+    assert {k for k, v in kinds.items() if v == "scoring_rule"} == {"brier", "log_score", "spherical_score"}
+
+
+@pytest.mark.parametrize("name", ["correctness", "brier", "log_score", "spherical_score"])
+def test_zero_weight_is_allowed(name):
+    weights = {"correctness": 1.0, "format": 0.5, name: 0.0}
+    assert RewardFunction(weights).weights[name] == 0.0
+
+
+@pytest.mark.parametrize(
+    "weights, advice",
+    [
+        ({"correctness": 1.0, "brier": 1.0, "format": 0.0}, "reward.weights.format=0 must be above 0"),
+        ({"correctness": 1.0, "brier": 1.0, "format": -0.5}, "reward.weights.format=-0.5 must be above 0"),
+        ({"correctness": 1.0, "brier": 1.0}, "add the 'format' component with a weight above 0"),
+    ],
+    ids=["format-0", "negative-format", "no-format"],
+)
+def test_format_gap_message_names_what_to_change(weights, advice):
+    with pytest.raises(ValueError) as err:
+        RewardFunction(weights)
+    assert str(err.value).endswith(advice)

@@ -11,41 +11,15 @@ that are non-finite or outside [0, 1], or correctness values other than 0/1. The
   bootstrap intervals, overall and per slice.
 """
 
-from calibrl.metrics.abstention import ABSTENTION_KEYS, abstention_metrics
-from calibrl.metrics.calibration import (
-    ReliabilityBins,
-    accuracy_at_coverage,
-    aurc,
-    auroc,
-    brier_decomposition,
-    brier_score,
-    calibration_summary,
-    confident_error_rate,
-    expected_calibration_error,
-    log_loss,
-    reliability_bins,
-    risk_coverage_curve,
-)
-from calibrl.metrics.summary import SCALAR_METRICS, bootstrap_ci, metric_report, scalar_metrics, slice_report
+# Each module's ``__all__`` is its public API; the package re-exports exactly those names, so a
+# new metric is listed once, in its module.
+from calibrl.metrics import abstention, calibration, summary
+from calibrl.metrics.abstention import *  # noqa: F403
+from calibrl.metrics.calibration import *  # noqa: F403
+from calibrl.metrics.summary import *  # noqa: F403
 
-__all__ = [
-    "ABSTENTION_KEYS",
-    "abstention_metrics",
-    "SCALAR_METRICS",
-    "ReliabilityBins",
-    "accuracy_at_coverage",
-    "aurc",
-    "auroc",
-    "bootstrap_ci",
-    "brier_decomposition",
-    "brier_score",
-    "calibration_summary",
-    "confident_error_rate",
-    "expected_calibration_error",
-    "log_loss",
-    "metric_report",
-    "reliability_bins",
-    "risk_coverage_curve",
-    "scalar_metrics",
-    "slice_report",
-]
+# `__all__ += module.__all__` is the form static checkers (pyright, mypy) follow through.
+__all__: list[str] = []
+__all__ += abstention.__all__
+__all__ += calibration.__all__
+__all__ += summary.__all__

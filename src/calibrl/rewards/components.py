@@ -32,10 +32,14 @@ brier 1 and a calibrated confidence p, answering is worth ``p - p(1 - p) = p^2``
 with confidence 0 is worth ``w``, so the rational policy abstains iff ``p < sqrt(w)``
 (``w = 0.25``: abstain below 1/2). The trade-off of a fixed abstention reward is that of R-Tuning
 (arXiv:2311.09677) and TruthRL's ternary reward (arXiv:2509.25760); :class:`RewardFunction`
-requires ``0 <= w < weights["correctness"]`` (at or above it abstaining beats a right answer).
+requires ``0 <= w < weights["correctness"]`` (at or above it abstaining pays at least as much as a
+right answer; below 0 abstaining scores below a wrong answer).
 
 The calibration components are the scoring rules of :mod:`calibrl.rewards.scoring_rules`
-(ranges and properness there).
+(ranges and properness there). Each component declares its ``kind``; the weight of a
+``correctness`` or ``scoring_rule`` component must be ``>= 0`` (a negative weight on a proper
+scoring rule makes the least calibrated confidence the best one, whatever the other weights).
+A zero weight is allowed (RLVR).
 
 RLCR (Damani et al., "Beyond Binary Rewards", arXiv:2507.16806) is
 ``correctness + brier`` = ``1[correct] - (q - 1[correct])^2``, plus a format term.
@@ -46,6 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -57,6 +62,7 @@ from calibrl.rewards.scoring_rules import SCORING_RULES
 
 __all__ = [
     "COMPONENTS",
+    "NONNEGATIVE_KINDS",
     "RewardComponent",
     "RewardBatch",
     "RewardFunction",
@@ -74,12 +80,28 @@ class RewardComponent:
         low: lowest value ``fn`` can return on a well-formed completion.
         high: highest value ``fn`` can return on a well-formed completion.
         on_format_failure: the value used when the completion fails the format.
+        kind: what the term rewards: ``"correctness"`` (a right answer), ``"scoring_rule"`` (a
+            proper scoring rule of the stated confidence), ``"format"`` or ``"other"``. The weight
+            of a correctness or scoring-rule term must be ``>= 0`` (:data:`NONNEGATIVE_KINDS`).
     """
 
     fn: Callable[[ParsedCompletion, bool], float]
     low: float
     high: float
     on_format_failure: float
+    kind: str = "other"
+
+
+#: Component kind -> why a negative weight on it is refused. A proper scoring rule is maximised in
+#: expectation by the true probability, so a negative weight makes the *least* calibrated
+#: confidence the best answer; a negative correctness weight makes a wrong answer the best answer.
+#: Zero is allowed for both (RLVR has no calibration term).
+NONNEGATIVE_KINDS: Mapping[str, str] = MappingProxyType(
+    {
+        "scoring_rule": "a proper scoring rule's weight must be >= 0 (a negative weight rewards miscalibration)",
+        "correctness": "the correctness weight must be >= 0 (a negative weight rewards wrong answers)",
+    }
+)
 
 
 COMPONENTS: Registry[RewardComponent] = Registry("reward component")
@@ -106,16 +128,34 @@ def _scoring_rule_component(rule_name: str) -> RewardComponent:
         assert parsed.confidence is not None  # only called on well-formed completions
         return float(rule.fn(np.array([parsed.confidence]), np.array([1.0 if correct else 0.0]))[0])
 
-    return RewardComponent(fn, rule.low, rule.high, rule.low)
+    return RewardComponent(fn, rule.low, rule.high, rule.low, kind="scoring_rule")
 
 
-COMPONENTS.register("correctness")(RewardComponent(_correctness, 0.0, 1.0, 0.0))
-COMPONENTS.register("format")(RewardComponent(_format, 1.0, 1.0, 0.0))
+COMPONENTS.register("correctness")(RewardComponent(_correctness, 0.0, 1.0, 0.0, kind="correctness"))
+COMPONENTS.register("format")(RewardComponent(_format, 1.0, 1.0, 0.0, kind="format"))
 # RLCR calibration term, arXiv:2507.16806 eq. (1): -(q - 1[correct])^2.
 COMPONENTS.register("brier")(_scoring_rule_component("brier"))
 COMPONENTS.register("log_score")(_scoring_rule_component("log"))
 COMPONENTS.register("spherical_score")(_scoring_rule_component("spherical"))
 COMPONENTS.register("abstention")(RewardComponent(_abstention, 0.0, 1.0, 0.0))
+
+
+def _lowest(weight: float, component: RewardComponent) -> float:
+    """The lowest value of ``weight * component`` over well-formed completions."""
+    return min(weight * component.low, weight * component.high)
+
+
+def _format_advice(weights: Mapping[str, float], components: Mapping[str, RewardComponent]) -> str:
+    """What ``reward.weights.format`` must be for a format failure to total strictly below every
+    well-formed completion under the other ``weights``: the ``format`` component pays a
+    well-formed completion ``low - on_format_failure`` more than a failure (per unit weight),
+    which has to cover the gap ``others' failure total - others' lowest well-formed total``."""
+    fmt = COMPONENTS.get("format")
+    gap = sum(weights[k] * c.on_format_failure - _lowest(weights[k], c) for k, c in components.items() if k != "format")
+    needed = max(gap / (fmt.low - fmt.on_format_failure), 0.0)
+    if "format" not in weights:
+        return f"add the 'format' component with a weight above {needed:g}"
+    return f"reward.weights.format={weights['format']:g} must be above {needed:g}"
 
 
 def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -190,9 +230,11 @@ class RewardFunction:
 
     Raises:
         KeyError: unknown component (the message lists the valid ones).
-        ValueError: under these weights a format failure would not score strictly below every
-            well-formed completion (e.g. a zero ``format`` weight), a weight is non-finite, or
-            the ``abstention`` weight is negative or not below the ``correctness`` weight.
+        ValueError: a weight is non-finite; a correctness or scoring-rule component (its
+            ``kind``, :data:`NONNEGATIVE_KINDS`) has a negative weight; the ``abstention`` weight
+            is negative or not below the ``correctness`` weight; or under these weights a format
+            failure would not score strictly below every well-formed completion (e.g. a zero
+            ``format`` weight).
     """
 
     def __init__(self, weights: Mapping[str, float], guard: VerifierGuard | None = None) -> None:
@@ -204,25 +246,25 @@ class RewardFunction:
         for k, w in self.weights.items():
             if not math.isfinite(w):
                 raise ValueError(f"reward.weights.{k} is not finite: {w}")
+            if w < 0 and self.components[k].kind in NONNEGATIVE_KINDS:
+                raise ValueError(f"reward.weights.{k}={w:g}: {NONNEGATIVE_KINDS[self.components[k].kind]}")
         if "abstention" in self.weights:
             w, top = self.weights["abstention"], self.weights.get("correctness", 0.0)
-            if not 0.0 <= w < top:
-                raise ValueError(
-                    f"reward.weights.abstention={w:g} must be in [0, correctness weight {top:g}): "
-                    "at or above it, abstaining pays as much as a right answer"
-                )
+            if w < 0:
+                raise ValueError(f"reward.weights.abstention={w:g} must be >= 0 (a negative weight makes "
+                                 "abstaining score below a wrong answer)")
+            if not w < top:
+                raise ValueError(f"reward.weights.abstention={w:g} must be below the correctness weight {top:g} "
+                                 "(at or above it, abstaining pays at least as much as a right answer)")
         # Lowest total over well-formed completions, bounding each term on its own (a lower bound
         # of the true minimum, so "failure < bound" is sufficient).
-        self.lowest_well_formed = sum(
-            min(w * c.low, w * c.high) for w, c in ((self.weights[k], c) for k, c in self.components.items())
-        )
+        self.lowest_well_formed = sum(_lowest(self.weights[k], c) for k, c in self.components.items())
         self.format_failure_total = sum(self.weights[k] * c.on_format_failure for k, c in self.components.items())
         if not self.format_failure_total < self.lowest_well_formed:
             raise ValueError(
-                "with reward.weights "
-                f"{self.weights} a format failure totals {self.format_failure_total:g}, not strictly "
-                f"below the lowest well-formed total {self.lowest_well_formed:g}; give the 'format' "
-                "component a positive weight"
+                f"with reward.weights {self.weights} a format failure totals {self.format_failure_total:g}, "
+                f"not strictly below the lowest well-formed total {self.lowest_well_formed:g}; "
+                f"{_format_advice(self.weights, self.components)}"
             )
 
     @classmethod

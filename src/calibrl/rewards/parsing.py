@@ -156,6 +156,97 @@ def _has_visible_char(text: str) -> bool:
     return any(unicodedata.category(ch) not in _INVISIBLE for ch in text)
 
 
+_Span = tuple[int, int]
+"""``(start, end)`` character offsets in the completion."""
+_TagSpans = dict[str, list[_Span]]
+"""Tag name -> the spans of its opening (or closing) tags, in order."""
+
+
+def _scan_tags(text: str, fmt: CompletionFormat) -> tuple[_TagSpans, _TagSpans]:
+    """Every tag of the format in one pass: ``(opens, closes)``."""
+    opens: _TagSpans = {}
+    closes: _TagSpans = {}
+    for m in _tag_pattern(fmt).finditer(text):
+        (closes if m.group(1) else opens).setdefault(m.group(2), []).append(m.span())
+    return opens, closes
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    """The scratch blocks of a completion: disjoint ``(start, end)`` spans in order, and their
+    starts (for bisection)."""
+
+    blocks: list[_Span]
+    starts: list[int]
+
+    def visible(self, spans: list[_Span]) -> list[_Span]:
+        """The tag spans that lie outside every scratch block."""
+        out = []
+        for s, e in spans:
+            i = bisect.bisect_right(self.starts, s) - 1
+            if i < 0 or self.blocks[i][1] <= s:
+                out.append((s, e))
+        return out
+
+    def blank(self, text: str, start: int, end: int) -> str:
+        """``text[start:end]`` with the scratch blocks in it turned to spaces."""
+        # The tags around [start, end) are visible, so every block meeting it lies inside it.
+        parts, pos = [], start
+        for s, e in self.blocks[bisect.bisect_left(self.starts, start) :]:
+            if s >= end:
+                break
+            parts += [text[pos:s], " " * (e - s)]
+            pos = e
+        parts.append(text[pos:end])
+        return "".join(parts)
+
+
+def _scratch_blocks(opens: _TagSpans, closes: _TagSpans, fmt: CompletionFormat) -> tuple[_Scratch, str | None]:
+    """The scratch blocks, and the first scratch tag (``think`` before ``analysis``) left
+    unclosed, or ``None``.
+
+    Left to right: an opening scratch tag outside earlier blocks starts a block that ends at the
+    first closing tag of its name after it; with none it stays visible (unclosed).
+    """
+    scratch = (fmt.think, fmt.analysis)
+    close_starts = {tag: [s for s, _ in closes.get(tag, [])] for tag in scratch}
+    candidates = sorted((span, tag) for tag in set(scratch) for span in opens.get(tag, []))
+    blocks: list[_Span] = []
+    unclosed: set[str] = set()
+    for (start, end), tag in candidates:
+        if blocks and start < blocks[-1][1]:
+            continue  # inside an earlier block
+        i = bisect.bisect_left(close_starts[tag], end)
+        if i == len(close_starts[tag]):
+            unclosed.add(tag)
+        else:
+            blocks.append((start, closes[tag][i][1]))
+    first_unclosed = next((tag for tag in scratch if tag in unclosed), None)
+    return _Scratch(blocks, [s for s, _ in blocks]), first_unclosed
+
+
+def _body(opens: list[_Span], closes: list[_Span]) -> _Span | None:
+    """The contents span of a tag's block when the tag opens exactly once (``opens``, top level)
+    and a closing tag (``closes``, top level) follows it, else ``None``."""
+    if len(opens) != 1:
+        return None
+    i = bisect.bisect_left([s for s, _ in closes], opens[0][1])
+    return (opens[0][1], closes[i][0]) if i < len(closes) else None
+
+
+def _tag_count_error(tags: dict[str, tuple[list[_Span], list[_Span]]]) -> str | None:
+    """Why the top-level tags (name -> (opening spans, closing spans)) are not exactly one
+    opening and one closing tag each, checked in order; ``None`` when they are."""
+    for tag, (o, c) in tags.items():
+        if not o and not c:
+            return f"missing <{tag}>"
+        if len(o) != len(c):
+            return f"unclosed or unmatched <{tag}>"
+        if len(o) > 1:
+            return f"{len(o)} top-level <{tag}> tags (exactly one required)"
+    return None
+
+
 def parse_completion(text: str, fmt: CompletionFormat = CompletionFormat()) -> ParsedCompletion:
     """Parse one completion (never the prompt) under the policy in the module docstring.
 
@@ -171,85 +262,25 @@ def parse_completion(text: str, fmt: CompletionFormat = CompletionFormat()) -> P
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_completion expects a str, got {type(text).__name__}")
-    # One pass collects every tag: (start, end) per opening and per closing tag name.
-    opens: dict[str, list[tuple[int, int]]] = {}
-    closes: dict[str, list[tuple[int, int]]] = {}
-    for m in _tag_pattern(fmt).finditer(text):
-        (closes if m.group(1) else opens).setdefault(m.group(2), []).append(m.span())
-
-    # Scratch blocks, left to right: an opening scratch tag outside earlier blocks starts a block
-    # that ends at the first closing tag of its name after it; with none it stays visible
-    # (unclosed). `blocks` are disjoint (start, end) spans in order.
-    scratch = (fmt.think, fmt.analysis)
-    close_starts = {tag: [s for s, _ in closes.get(tag, [])] for tag in scratch}
-    candidates = sorted((span, tag) for tag in set(scratch) for span in opens.get(tag, []))
-    blocks: list[tuple[int, int]] = []
-    unclosed: set[str] = set()
-    for (start, end), tag in candidates:
-        if blocks and start < blocks[-1][1]:
-            continue  # inside an earlier block
-        i = bisect.bisect_left(close_starts[tag], end)
-        if i == len(close_starts[tag]):
-            unclosed.add(tag)
-        else:
-            blocks.append((start, closes[tag][i][1]))
-    for tag in scratch:
-        if tag in unclosed:
-            return ParsedCompletion(None, None, False, f"unclosed <{tag}>")
-
-    block_starts = [s for s, _ in blocks]
-
-    def visible(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The tag spans that lie outside every scratch block."""
-        out = []
-        for s, e in spans:
-            i = bisect.bisect_right(block_starts, s) - 1
-            if i < 0 or blocks[i][1] <= s:
-                out.append((s, e))
-        return out
-
-    def blank(start: int, end: int) -> str:
-        """``text[start:end]`` with the scratch blocks in it turned to spaces."""
-        # The tags around [start, end) are visible, so every block meeting it lies inside it.
-        parts, pos = [], start
-        for s, e in blocks[bisect.bisect_left(block_starts, start) :]:
-            if s >= end:
-                break
-            parts += [text[pos:s], " " * (e - s)]
-            pos = e
-        parts.append(text[pos:end])
-        return "".join(parts)
-
+    opens, closes = _scan_tags(text, fmt)
+    scratch, unclosed = _scratch_blocks(opens, closes, fmt)
+    if unclosed is not None:
+        return ParsedCompletion(None, None, False, f"unclosed <{unclosed}>")
     tags = {
-        tag: (visible(opens.get(tag, [])), visible(closes.get(tag, [])))
+        tag: (scratch.visible(opens.get(tag, [])), scratch.visible(closes.get(tag, [])))
         for tag in (fmt.answer, fmt.confidence)
     }
-
-    def body(tag: str) -> tuple[int, int] | None:
-        """The contents span of the tag's block when it opens exactly once (top level) and a
-        closing tag follows it, else ``None``."""
-        o, c = tags[tag]
-        if len(o) != 1:
-            return None
-        i = bisect.bisect_left([s for s, _ in c], o[0][1])
-        return (o[0][1], c[i][0]) if i < len(c) else None
-
-    answer_span = body(fmt.answer)
+    answer_span = _body(*tags[fmt.answer])
     # Read from the blanked text: a scratch block nested inside the answer is not answer text.
-    answer = blank(*answer_span).strip() if answer_span is not None else None
+    answer = scratch.blank(text, *answer_span).strip() if answer_span is not None else None
 
     def fail(reason: str) -> ParsedCompletion:
         return ParsedCompletion(answer, None, False, reason, answer_span, None)
 
-    for tag in (fmt.answer, fmt.confidence):
-        n_open, n_close = (len(x) for x in tags[tag])
-        if n_open == 0 and n_close == 0:
-            return fail(f"missing <{tag}>")
-        if n_open != n_close:
-            return fail(f"unclosed or unmatched <{tag}>")
-        if n_open > 1:
-            return fail(f"{n_open} top-level <{tag}> tags (exactly one required)")
-    conf_span = body(fmt.confidence)
+    reason = _tag_count_error(tags)
+    if reason is not None:
+        return fail(reason)
+    conf_span = _body(*tags[fmt.confidence])
     if answer_span is None or conf_span is None:
         return fail("answer and confidence tags are not well nested")
     if not answer or not _has_visible_char(answer):

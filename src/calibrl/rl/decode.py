@@ -33,6 +33,7 @@ token), as ``generate`` computes them, so a completion's log-probs under
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,6 +79,72 @@ def sample_next_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: fl
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     # first index whose cdf exceeds u: probs there > 0 (cdf strictly rises at it)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
+
+
+@dataclass
+class _LiveRows:
+    """The rows still being decoded, in the KV cache's row order.
+
+    Attributes:
+        cache: the KV cache of these rows.
+        live: LongTensor ``[n_live]``, the output row (``b*G + g``) of each.
+        mask: ``[n_live, P + t]``, attention mask over prompt and tokens so far.
+        next_pos: ``[n_live, 1]``, position of each row's next token.
+        finished: BoolTensor ``[n_live]``; a finished row stays until the next compaction.
+    """
+
+    cache: DynamicCache
+    live: torch.Tensor
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    finished: torch.Tensor
+
+    def advance(self, model: Any, step: torch.Tensor) -> torch.Tensor:
+        """Feed each row its sampled token ``step`` (``[n_live]``), first dropping the finished
+        rows once :data:`_COMPACT_SHARE` of them have finished; the next-token logits
+        ``[n_live, V]`` of the rows that remain."""
+        if int(self.finished.sum()) >= _COMPACT_SHARE * len(self.live):
+            keep = torch.nonzero(~self.finished).flatten()
+            self.cache.batch_select_indices(keep)
+            self.live, self.mask, self.next_pos, self.finished = (
+                self.live[keep], self.mask[keep], self.next_pos[keep], self.finished[keep])
+            step = step[keep]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = model(input_ids=step[:, None], attention_mask=self.mask, position_ids=self.next_pos, cache=self.cache,
+                    use_cache=True, logits_to_keep=1)
+        self.next_pos = self.next_pos + 1
+        return out.logits[:, -1]
+
+
+def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             group_size: int) -> tuple[_LiveRows, torch.Tensor]:
+    """Run the B prompts through the model once and repeat their cache to the ``B*G`` rows (row
+    ``b*G + g`` <- prompt b): the rows, all live, and their next-token logits ``[B*G, V]``."""
+    device = input_ids.device
+    b = input_ids.shape[0]
+    mask = attention_mask.long()
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, P]
+    # DeepSpeed's engine has a `config` of its own (a dict); the HF config is its module's.
+    cache = DynamicCache(config=getattr(model, "module", model).config)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1)
+    expand = torch.arange(b, device=device).repeat_interleave(group_size)  # row b*G + g <- prompt b
+    cache.batch_select_indices(expand)
+    n = b * group_size
+    rows = _LiveRows(cache, torch.arange(n, device=device), mask[expand], positions[expand, -1:] + 1,
+                     torch.zeros(n, dtype=torch.bool, device=device))
+    return rows, out.logits[:, -1][expand]
+
+
+def _record(tokens: torch.Tensor, logprobs: torch.Tensor | None, t: int, rows: _LiveRows, step: torch.Tensor,
+            logits: torch.Tensor) -> None:
+    """Write the rows' tokens ``step`` (``[n_live]``) at position ``t`` of ``tokens``
+    (``[B*G, max_new_tokens]``) and, when kept, their log-probs under ``logits`` (``[n_live, V]``)
+    into ``logprobs``, 0 on finished rows."""
+    tokens[rows.live, t] = step
+    if logprobs is not None:
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, step[:, None]).squeeze(1)
+        logprobs[rows.live, t] = torch.where(rows.finished, 0.0, lp)
 
 
 @torch.no_grad()
@@ -131,52 +198,20 @@ def decode_groups(
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer")
     stop = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
-    device = input_ids.device
-    b = input_ids.shape[0]
-    n = b * group_size
-    mask = attention_mask.long()
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, P]
-    # DeepSpeed's engine has a `config` of its own (a dict); the HF config is its module's.
-    cache = DynamicCache(config=getattr(model, "module", model).config)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    expand = torch.arange(b, device=device).repeat_interleave(group_size)  # row b*G + g <- prompt b
-    cache.batch_select_indices(expand)
-    logits = out.logits[:, -1][expand]  # [B*G, V]
-    del out
-    mask, next_pos = mask[expand], positions[expand, -1:] + 1  # [n_live, P + t], [n_live, 1]
-    live = torch.arange(n, device=device)  # output row of each live row
+    rows, logits = _prefill(model, input_ids, attention_mask, group_size)
+    n, device = len(rows.live), input_ids.device
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device) if return_logprobs else None
-    finished = torch.zeros(n, dtype=torch.bool, device=device)  # per live row
-    length = max_new_tokens
     for t in range(max_new_tokens):
-        step = sample_next_tokens(logits, temperature, top_p, do_sample)  # [n_live]
-        step = torch.where(finished, pad_token_id, step)
-        tokens[live, t] = step
-        if logprobs is not None:
-            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, step[:, None]).squeeze(1)
-            logprobs[live, t] = torch.where(finished, 0.0, lp)
+        step = torch.where(rows.finished, pad_token_id, sample_next_tokens(logits, temperature, top_p, do_sample))
+        _record(tokens, logprobs, t, rows, step, logits)
         done = step == eos_token_id
         if stop is not None:
-            done |= stop(tokens[live, : t + 1], None).to(device)
-        finished |= done
-        if bool(finished.all()):
-            length = t + 1
-            break
-        if t == max_new_tokens - 1:
-            break
-        if int(finished.sum()) >= _COMPACT_SHARE * len(live):
-            keep = torch.nonzero(~finished).flatten()
-            cache.batch_select_indices(keep)
-            live, mask, next_pos, step, finished = live[keep], mask[keep], next_pos[keep], step[keep], finished[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=step[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
-                    use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-        del out
+            done |= stop(tokens[rows.live, : t + 1], None).to(device)
+        rows.finished |= done
+        if bool(rows.finished.all()) or t == max_new_tokens - 1:
+            break  # the completions are t + 1 tokens long
+        logits = rows.advance(model, step)
     if logprobs is not None:
-        return tokens[:, :length], logprobs[:, :length]
-    return tokens[:, :length]
-
+        return tokens[:, : t + 1], logprobs[:, : t + 1]
+    return tokens[:, : t + 1]
