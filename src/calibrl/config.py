@@ -13,10 +13,12 @@ composed config with ``OmegaConf.to_object`` (e.g. ``OmegaConf.to_object(cfg.alg
 :class:`TrainerConfig` (its ``sft`` is :class:`SFTConfig`), :func:`calibrl.eval.evaluator.evaluate`
 :class:`EvalConfig`. There is no second, mirroring dataclass.
 
-Where the defaults live: here. A group's YAML file names only what its choice changes from
-these defaults (a model preset its weights, a DeepSpeed preset its ZeRO stage); the files of
-groups with a single choice (``conf/algo/grpo.yaml``, ``conf/trainer/default.yaml``) hold only a
-comment, and ``conf/config.yaml`` / ``conf/eval.yaml`` hold no ``eval`` block. Why this way round:
+Where the defaults live: here. A group's YAML file names only what its choice sets on top of
+these defaults (a DeepSpeed preset its ZeRO stage, the logger its job type, an objective its
+combiner; a model, data, prompt or reward choice spells out its content: weights, task, text);
+``conf/algo/grpo.yaml``, ``conf/trainer/default.yaml`` and ``conf/deepspeed/none.yaml``
+hold only a comment, and ``conf/config.yaml`` / ``conf/eval.yaml`` set no ``eval`` block and no
+top-level value the schema already has. Why this way round:
 code and tests build these dataclasses directly (``AlgoConfig(group_size=2)``), so with the
 numbers in YAML the dataclass would either need every field spelled out at every such call or
 carry defaults of its own, which is how ``algo.max_new_tokens`` (64 here, 48 in YAML) and
@@ -223,7 +225,9 @@ class EvalConfig:
     intrinsic: bool = True  # also report answer-token and lowest-window probabilities (one more forward)
     n_bootstrap: int = 1000  # resamples per bootstrap CI (0: point estimates only)
     ci_level: float = 0.95  # CI coverage, in (0, 1)
-    seed: int = II("seed")  # seeds sampling (in a forked RNG: training's is untouched) and the bootstrap
+    # Seeds sampling (in a forked RNG: training's is untouched) and the bootstrap. Composed, it is
+    # the job's `seed`; an EvalConfig built directly in code must be given one (seed=0).
+    seed: int = II("seed")
     # Example fields to slice by: `slice` (the dataset's slice label), `unanswerable`, or a name in
     # calibrl.data.example.Example.fields (num_terms, task, ...).
     slice_by: list[str] = field(default_factory=lambda: ["slice"])
