@@ -283,33 +283,34 @@ class _Recorder(dict):
 
 
 def run_calibrl(w: Workload) -> dict[str, Any]:
-    """Steps of calibrl's ``GRPOTrainer`` as ``calibrl-train`` builds it (pipeline helpers)."""
+    """Steps of calibrl's ``GRPOTrainer`` as ``calibrl-train`` builds it (:mod:`calibrl.run.build`
+    helpers, settings as the schema dataclasses)."""
     import torch
+    from omegaconf import OmegaConf
 
     from calibrl.config import rl_warmup_steps
-    from calibrl.run.pipeline import _optimizer, _scheduler, _settings
+    from calibrl.run.build import make_optimizer, make_scheduler
     from calibrl.rl.engine import TorchEngine
-    from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+    from calibrl.rl.grpo import GRPOTrainer
     from calibrl.rl.rollout import SamplingCopy
 
     load0 = os.getloadavg()
     cfg, splits, model, tokenizer, prompts, reward_fn = _load(w)
     counts = _param_counts(model)
     probe = GenerateProbe(model, tokenizer)
-    t = cfg.trainer
-    settings = _settings(GRPOSettings, cfg.algo, t, cfg.objective)
-    opt = _optimizer(model, t.lr, t.weight_decay)
-    sched = _scheduler(t.lr_scheduler, opt, rl_warmup_steps(t), t.max_steps)
+    algo, t, objective = (OmegaConf.to_object(cfg[k]) for k in ("algo", "trainer", "objective"))
+    opt = make_optimizer(model, t.lr, t.weight_decay)
+    sched = make_scheduler(t.lr_scheduler, opt, rl_warmup_steps(t), t.max_steps)
 
     class AllRowsEngine(TorchEngine):
         collective = True  # the loop then trains every row, as TRL does (module docstring)
 
     engine = (TorchEngine if w.skip_zero_adv else AllRowsEngine)(model, opt, sched, t.max_grad_norm)
-    sampler = SamplingCopy(model) if t.bf16 and t.bf16_sampler else None  # as calibrl.run.pipeline builds it
+    sampler = SamplingCopy(model) if t.bf16 and t.bf16_sampler else None  # as calibrl.run.stages builds it
     if sampler is not None:
         probe.watch(sampler.model)
-    trainer = GRPOTrainer(engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, settings, seed=cfg.seed,
-                          sampler=sampler)
+    trainer = GRPOTrainer(engine, tokenizer, prompts, splits.train, splits.is_correct, reward_fn, algo, t, objective,
+                          seed=cfg.seed, sampler=sampler)
     seen = _Recorder(trainer, ("generate", "score", "advantages"))
 
     records = []
@@ -334,9 +335,11 @@ def run_calibrl(w: Workload) -> dict[str, Any]:
                        | {"example_ids": [e.id for e in seen["generate_args"][0]]})
         print(f"[calibrl] step {i + 1}: {step_s:.2f} s", file=sys.stderr, flush=True)
     extra = {"variant": "skips zero-advantage rows (as shipped)" if w.skip_zero_adv else "trains every row (same work as TRL)",
-             "settings": dataclasses.asdict(settings) | {"lr": t.lr, "lr_scheduler": t.lr_scheduler,
-                                                         "warmup_steps": rl_warmup_steps(t), "max_grad_norm": t.max_grad_norm,
-                                                         "optimizer": "torch.optim.AdamW(fused=True)"}}
+             "settings": dataclasses.asdict(algo) | {"combine": objective.combine, "micro_batch_size": t.micro_batch_size,
+                                                     "bf16": t.bf16, "min_generation_batch": t.min_generation_batch,
+                                                     "lr": t.lr, "lr_scheduler": t.lr_scheduler,
+                                                     "warmup_steps": rl_warmup_steps(t), "max_grad_norm": t.max_grad_norm,
+                                                     "optimizer": "torch.optim.AdamW(fused=True)"}}
     if prof_rows is not None:
         extra["profile_top"] = prof_rows
     return _finish(w, "calibrl", records, counts, probe, extra, load0)

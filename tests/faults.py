@@ -118,7 +118,7 @@ def scripted_answers(monkeypatch, seed: int = 0, special: dict[int, str] | None 
 
     def generate(self, examples):
         rollout = original(self, examples)
-        g = self.s.group_size
+        g = self.algo.group_size
         texts = []
         for i in range(len(rollout)):
             answer = examples[i // g].answer if rng.random() < 0.5 else "wrong"

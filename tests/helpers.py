@@ -22,12 +22,13 @@ import torch
 from omegaconf import OmegaConf
 
 from calibrl.cli import CONF_DIR
+from calibrl.config import AlgoConfig, ObjectiveConfig, TrainerConfig
 from calibrl.data.example import Example
 from calibrl.data.sources import exact_match
 from calibrl.models import ModelSpec
 from calibrl.rewards import RewardFunction
 from calibrl.rl.engine import TorchEngine
-from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+from calibrl.rl.grpo import GRPOTrainer
 from calibrl.rl.rollout import Rollout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,16 +112,31 @@ def hand_rollout(tok, builder) -> Rollout:
     )
 
 
-def make_trainer(model, tok, builder, **settings) -> GRPOTrainer:
-    """A GRPO trainer (B=2, G=2, RLCR reward, AdamW lr 1e-3) over :data:`EXAMPLES`; ``settings``
-    override its settings."""
-    s = GRPOSettings(group_size=2, prompts_per_step=2, max_new_tokens=6, micro_batch_size=2, bf16=False)
+def rl_groups(**settings: Any) -> tuple[AlgoConfig, TrainerConfig, ObjectiveConfig]:
+    """The ``algo``, ``trainer`` and ``objective`` settings of a small test trainer (B=2, G=2, at
+    most 6 new tokens, micro-batches of 2, no bf16); each keyword sets the field of that name in
+    whichever of the three has it (e.g. ``beta=0.1``, ``micro_batch_size=4``, ``combine="segment"``).
+
+    Raises:
+        TypeError: a keyword that is no field of any of them.
+    """
+    groups = (AlgoConfig(group_size=2, prompts_per_step=2, max_new_tokens=6),
+              TrainerConfig(micro_batch_size=2, bf16=False), ObjectiveConfig())
     for k, v in settings.items():
-        setattr(s, k, v)
+        owner = next((g for g in groups if k in g.__dataclass_fields__), None)
+        if owner is None:
+            raise TypeError(f"no setting {k!r} in algo, trainer or objective")
+        setattr(owner, k, v)
+    return groups
+
+
+def make_trainer(model, tok, builder, examples=EXAMPLES, **settings) -> GRPOTrainer:
+    """A GRPO trainer (RLCR reward, AdamW lr 1e-3) over ``examples``, with
+    :func:`rl_groups` (``settings`` override them)."""
     engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=1.0)
     return GRPOTrainer(
-        engine, tok, builder, EXAMPLES, lambda a, e: a is not None and exact_match(a, e) >= 1,
-        RewardFunction(RLCR), s,
+        engine, tok, builder, examples, lambda a, e: a is not None and exact_match(a, e) >= 1,
+        RewardFunction(RLCR), *rl_groups(**settings),
     )
 
 

@@ -71,11 +71,12 @@ def test_writes_report_predictions_plots_and_wandb(eval_out):
 def test_plots_written_when_a_completion_is_well_formed(tiny_run, tmp_path):
     # A random tiny model never writes the format, so plots come from a hand-made result.
     from calibrl.eval.job import _plots
-    from calibrl.eval.evaluator import EvalResult, EvalSettings
+    from calibrl.config import EvalConfig
+    from calibrl.eval.evaluator import EvalResult
 
     rows = [{"correct": c, "format_ok": True, "confidence": q, "answer_prob": 0.5, "lowest_window_prob": None}
             for q, c in ((0.9, 1), (0.2, 0), (0.7, 1))]
-    images = _plots(EvalResult("toy", rows), EvalSettings(), tmp_path)
+    images = _plots(EvalResult("toy", rows), EvalConfig(seed=0), tmp_path)
     assert set(images) == {"toy/reliability", "toy/confidence_hist"}
     for path in images.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,7 +99,7 @@ def test_numbers_equal_the_training_eval_of_the_same_checkpoint(tiny_run, eval_o
     assert [p["completion"] for p in train_preds] == [p["completion"] for p in eval_preds]
 
 
-def test_hf_directory_and_cli_overrides_of_run_settings(tiny_run, tmp_path):
+def test_hf_directory_and_cli_overrides_of_the_run_config(tiny_run, tmp_path):
     proc = _eval_cli(f"checkpoint={tiny_run / 'checkpoint'}", f"hydra.run.dir={tmp_path}", "logger.mode=disabled",
                      "model.name=unused", "data.eval_size=3", "eval_sets=none", "eval.n_bootstrap=0", "bf16=false")
     assert proc.returncode == 0, proc.stderr[-3000:]

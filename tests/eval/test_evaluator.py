@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from calibrl.eval.evaluator import EvalResult, EvalSettings, _summarize
+from calibrl.config import EvalConfig
+from calibrl.eval.evaluator import EvalResult, _summarize, check_eval_config
 
 
 def _row(qid, sample, answer, conf, correct, ok=True, slice_="a", ap=None, lw=None, terms=2):
@@ -28,12 +29,12 @@ ROWS = [
 ]
 
 
-def _settings(**kw):
-    return EvalSettings(**({"n_bootstrap": 0, "n_samples": 2, "do_sample": True} | kw))
+def _eval_config(**kw):
+    return EvalConfig(**({"n_bootstrap": 0, "n_samples": 2, "do_sample": True, "seed": 0} | kw))
 
 
 def test_accuracy_over_all_rows_calibration_over_well_formed_rows():
-    report = _summarize(ROWS, _settings(), "d")
+    report = _summarize(ROWS, _eval_config(), "d")
     # accuracy: 2 right of 4 rows (the malformed row counts as wrong); format rate 3/4.
     assert report["accuracy"]["value"] == 0.5
     assert report["format_rate"]["value"] == 0.75
@@ -52,7 +53,7 @@ def test_accuracy_over_all_rows_calibration_over_well_formed_rows():
 
 
 def test_slices_by_label_and_by_field():
-    report = _summarize(ROWS, _settings(slice_by=("slice", "num_terms")), "d")
+    report = _summarize(ROWS, _eval_config(slice_by=["slice", "num_terms"]), "d")
     a, b = report["slices"]["slice"]["a"], report["slices"]["slice"]["b"]
     assert (a["count"], a["accuracy"]["value"]) == (2, 1.0)
     assert (b["count"], b["accuracy"]["value"], b["format_rate"]["value"]) == (2, 0.0, 0.5)
@@ -63,7 +64,7 @@ def test_slices_by_label_and_by_field():
 
 
 def test_voting_methods_pick_by_their_rule():
-    report = _summarize(ROWS, _settings(), "d")
+    report = _summarize(ROWS, _eval_config(), "d")
     maj = report["voting"]["majority"]
     # q1: A twice -> right; q2: only B votes (the malformed sample cannot) -> wrong. Accuracy 1/2.
     assert maj["accuracy"]["value"] == 0.5 and maj["coverage"] == 1.0
@@ -78,7 +79,7 @@ def test_voting_methods_pick_by_their_rule():
 
 
 def test_flat_scalars_keys_and_overconfidence():
-    result = EvalResult("d", ROWS, _summarize(ROWS, _settings(), "d"))
+    result = EvalResult("d", ROWS, _summarize(ROWS, _eval_config(), "d"))
     s = result.scalars()
     assert s["accuracy"] == 0.5 and s["format_rate"] == 0.75
     assert s["brier"] == pytest.approx(1.01 / 3)
@@ -92,15 +93,15 @@ def test_flat_scalars_keys_and_overconfidence():
 
 def test_no_well_formed_rows_reports_accuracy_without_calibration():
     rows = [_row("q1", 0, "A", None, 0, ok=False)]
-    report = _summarize(rows, EvalSettings(n_bootstrap=0), "d")
+    report = _summarize(rows, EvalConfig(n_bootstrap=0, seed=0), "d")
     assert report["signals"] == {} and report["accuracy"]["value"] == 0.0
     s = EvalResult("d", rows, report).scalars()
     assert s["format_rate"] == 0.0 and math.isnan(s["overconfidence"])
 
 
 def test_bootstrap_cis_are_seeded():
-    a = _summarize(ROWS, _settings(n_bootstrap=200, seed=3), "d")
-    b = _summarize(ROWS, _settings(n_bootstrap=200, seed=3), "d")
+    a = _summarize(ROWS, _eval_config(n_bootstrap=200, seed=3), "d")
+    b = _summarize(ROWS, _eval_config(n_bootstrap=200, seed=3), "d")
     assert json.dumps(a) == json.dumps(b)  # NaN-safe equality
     ci = a["signals"]["verbalized"]["brier"]
     assert ci["ci_low"] <= ci["value"] <= ci["ci_high"]
@@ -120,9 +121,14 @@ def test_bootstrap_cis_are_seeded():
 )
 def test_invalid_settings_name_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        EvalSettings(**kwargs)
+        check_eval_config(EvalConfig(**kwargs))
 
 
-def test_from_config_ignores_pipeline_keys():
-    s = EvalSettings.from_config({"n_bins": 5, "raw_model": True, "slice_by": ["slice", "task"]})
-    assert s.n_bins == 5 and s.slice_by == ("slice", "task")
+def test_composed_eval_group_is_the_settings_type():
+    from omegaconf import OmegaConf
+
+    from helpers import compose_config
+
+    s = OmegaConf.to_object(compose_config(["seed=7", "eval.n_bins=5", "eval.slice_by=[slice,task]"]).eval)
+    assert isinstance(s, EvalConfig) and s.n_bins == 5 and s.slice_by == ["slice", "task"] and s.seed == 7
+    check_eval_config(s)

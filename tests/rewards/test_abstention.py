@@ -14,7 +14,8 @@ from calibrl.data import build_splits
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.sources import Example
 from calibrl.data.unanswerable import make_unanswerable
-from calibrl.eval.evaluator import EvalSettings, _summarize, EvalResult
+from calibrl.config import EvalConfig
+from calibrl.eval.evaluator import _summarize, EvalResult
 from calibrl.objectives import COMBINERS
 from calibrl.data.format import CompletionFormat
 from calibrl.rewards import RewardFunction, parse_completion
@@ -241,7 +242,7 @@ def test_eval_report_and_scalars_carry_abstention_metrics():
         row("q2", 0, "5", 0), row("q2", 1, "6", 0),  # unknown question, both answered: under
         row("q3", 0, "I don't know", 1, True, True), row("q3", 1, "2", 0, unanswerable=True),
     ]
-    settings = EvalSettings(n_bootstrap=0, n_samples=2, do_sample=True)
+    settings = EvalConfig(n_bootstrap=0, n_samples=2, do_sample=True, seed=0)
     report = _summarize(rows, settings, "d", abstention=True)
     # rate 2/6; over: 1 of 4 answerable rows abstains on solved q1; under: rows of q2 and q3
     # answered (3 of 4); selective accuracy: 1 right of the 3 answered answerable rows.
@@ -251,7 +252,7 @@ def test_eval_report_and_scalars_carry_abstention_metrics():
     scalars = EvalResult("d", rows, report).scalars()
     assert scalars["abstain/over"] == pytest.approx(0.25) and scalars["abstain/rate"] == pytest.approx(1 / 3)
     assert "abstention" not in _summarize(rows, settings, "d")
-    by_flag = _summarize(rows, EvalSettings(n_bootstrap=0, n_samples=2, do_sample=True, slice_by=("unanswerable",)), "d")
+    by_flag = _summarize(rows, EvalConfig(n_bootstrap=0, n_samples=2, do_sample=True, seed=0, slice_by=["unanswerable"]), "d")
     assert {k: v["count"] for k, v in by_flag["slices"]["unanswerable"].items()} == {"False": 4, "True": 2}
 
 

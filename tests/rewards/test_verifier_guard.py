@@ -263,7 +263,8 @@ def tiny():
 def test_rl_step_with_a_hung_verifier_returns_and_logs_the_timeout(tiny, splits):
     from calibrl.data.prompts import PromptBuilder
     from calibrl.rl.engine import TorchEngine
-    from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+    from calibrl.rl.grpo import GRPOTrainer
+    from helpers import rl_groups
     from calibrl.rl.rollout import Rollout
 
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
@@ -280,10 +281,10 @@ def test_rl_step_with_a_hung_verifier_returns_and_logs_the_timeout(tiny, splits)
         return Rollout(enc.input_ids.repeat_interleave(2, dim=0), enc.attention_mask.repeat_interleave(2, dim=0),
                        comp, mask, texts, torch.tensor([0, 0, 1, 1]))
 
-    s = GRPOSettings(group_size=2, prompts_per_step=2, max_new_tokens=32, micro_batch_size=2, bf16=False)
+    s = rl_groups(max_new_tokens=32)  # B=2, G=2, micro-batches of 2, no bf16
     engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=1.0)
     trainer = GRPOTrainer(engine, tok, builder, [EX], splits.is_correct,
-                          RewardFunction(RLCR, VerifierGuard(timeout_s=0.5)), s)
+                          RewardFunction(RLCR, VerifierGuard(timeout_s=0.5)), *s)
     trainer.generate = generate
     t0 = time.monotonic()
     m = trainer.step()

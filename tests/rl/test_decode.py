@@ -16,6 +16,7 @@ from calibrl.rl import decode
 from calibrl.rl.decode import decode_groups, sample_next_tokens
 from calibrl.rl.rollout import Rollout, SamplingCopy, completion_logprobs
 from calibrl.cli import CONF_DIR
+from helpers import rl_groups
 
 EXAMPLES = [
     Example("e0", "What is 2 + 3?", "5"),
@@ -226,10 +227,10 @@ def test_the_trainer_samples_with_the_refreshed_copy(tiny, monkeypatch):
     policy, tok = copy.deepcopy(tiny[0]), tiny[1]
     sampler = SamplingCopy(policy)
     engine = TorchEngine(policy, torch.optim.SGD(policy.parameters(), lr=0.1))
-    settings = grpo.GRPOSettings(group_size=2, prompts_per_step=2, max_new_tokens=3, bf16=True)
+    algo, trainer_cfg, objective = rl_groups(max_new_tokens=3, bf16=True)
     trainer = grpo.GRPOTrainer(engine, tok, PromptBuilder(tok, "Answer in tags."), EXAMPLES,
-                               lambda a, e: exact_match(a, e) >= 1, RewardFunction({"correctness": 1.0, "format": 0.5}), settings,
-                               sampler=sampler)
+                               lambda a, e: exact_match(a, e) >= 1, RewardFunction({"correctness": 1.0, "format": 0.5}),
+                               algo, trainer_cfg, objective, sampler=sampler)
     seen = {}
 
     def generate_rollout(model, *args, autocast_dtype, **kwargs):

@@ -17,7 +17,7 @@ from helpers import REPO
 WORKER = REPO / "tests" / "workers" / "ds_step.py"
 
 
-def test_config_is_derived_from_calibrl_settings():
+def test_config_is_derived_from_calibrl_config():
     cfg = deepspeed_config(stage=2, offload=False, micro_batch_size=4, accumulation_steps=3, max_grad_norm=0.5)
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"] == {"stage": 2}

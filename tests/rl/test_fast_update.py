@@ -19,9 +19,10 @@ import calibrl.rl.rollout as rollout_mod
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
 from calibrl.rl.engine import TorchEngine
-from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+from calibrl.rl.grpo import GRPOTrainer
 from calibrl.rl.rollout import Rollout, _SelectedLogSoftmax, completion_logprobs
 from calibrl.cli import CONF_DIR
+from helpers import rl_groups
 
 PAD = 2
 # Rows of the test rollout: (group, prompt tokens, completion tokens). Groups of different prompt
@@ -181,11 +182,11 @@ BUCKET_ROWS = [(0, 5, 9), (0, 5, 1), (0, 5, 8), (1, 3, 2), (1, 3, 9), (1, 3, 1),
 def _update_grads(tiny, rollout: Rollout, advantages: torch.Tensor, micro_batch_size: int, **settings):
     """(metrics, [per optimizer step {name: grad}]) of one GRPOTrainer.update on a copy of tiny."""
     model = copy.deepcopy(tiny)
-    s = GRPOSettings(group_size=3, prompts_per_step=3, max_new_tokens=12, micro_batch_size=micro_batch_size,
-                     bf16=False, **settings)
+    s = rl_groups(group_size=3, prompts_per_step=3, max_new_tokens=12, micro_batch_size=micro_batch_size,
+                         **settings)
     engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=1.0)
-    reference = copy.deepcopy(tiny) if s.beta > 0 else None
-    trainer = GRPOTrainer(engine, None, None, [None], lambda a, e: False, RewardFunction({"format": 1.0}), s,
+    reference = copy.deepcopy(tiny) if s[0].beta > 0 else None
+    trainer = GRPOTrainer(engine, None, None, [None], lambda a, e: False, RewardFunction({"format": 1.0}), *s,
                           reference=reference)
     grads, step = [], engine.step
 

@@ -16,7 +16,9 @@ from calibrl.models import load_policy
 from calibrl.rewards import parse_completion
 from calibrl.rl import rollout as rollout_module
 from calibrl.rl.rollout import Rollout, _completion_mask, completion_logprobs, generate_rollout
-from calibrl.rl.sft import SFTSettings, num_sft_steps, sft_batches
+from calibrl.config import ConfidencePolicyConfig, SFTConfig
+from calibrl.objectives import COMBINERS, register_combiner, segment_ids
+from calibrl.rl.sft import num_sft_steps, sft_batches
 from helpers import EOS, EXAMPLES, STOP, hand_rollout, make_trainer, tiny_spec
 
 # --------------------------------------------------------------------------- loading
@@ -344,19 +346,91 @@ def test_segment_combiner_puts_calibration_credit_after_the_answer(tiny, builder
     assert torch.equal(adv[2:], torch.zeros_like(adv[2:]))
     # `sum` on the same batch: one advantage per completion, on every token:
     # totals [1 - 0.01 + 0.5, 0 + 0 + 0.5] = [1.49, 0.5] -> [+0.495, -0.495].
-    trainer.s.combine = "sum"
+    trainer.objective.combine = "sum"
     adv_sum = trainer.advantages(rollout, parsed, rewards)
     assert torch.allclose(adv_sum[0, :3], torch.full((3,), 0.495), atol=1e-6)
     assert torch.allclose(adv_sum[1, :3], torch.full((3,), -0.495), atol=1e-6)
 
 
+# Two groups whose rewards differ (RLCR weights: correctness 1, brier 1, format 0.5; both
+# questions' answer is 5). Components (correctness, brier, format):
+#   row 0: right, q 0.3 -> (1, -(0.3 - 1)^2 = -0.49, 1)   total 1 - 0.49 + 0.5 = 1.01
+#   row 1: wrong, q 0.1 -> (0, -(0.1 - 0)^2 = -0.01, 1)   total 0 - 0.01 + 0.5 = 0.49
+#   row 2: right, q 0.5 -> (1, -0.25, 1)                  total 1.25
+#   row 3: no confidence: a format failure -> (0, -1, 0)  total -1
+COMBINER_TEXTS = [
+    "<think>a</think><answer>5</answer><confidence>0.3</confidence>",
+    "<think>a</think><answer>6</answer><confidence>0.1</confidence>",
+    "<think>a</think><answer>5</answer><confidence>0.5</confidence>",
+    "<think>a</think><answer>5</answer>",
+]
+
+
+def _combiner_expected(combine: str, segments: torch.Tensor) -> torch.Tensor:
+    """Advantages ``[4, L]`` of COMBINER_TEXTS worked out by hand (``segments``: 0 up to
+    ``</answer>``, 1 after it, -1 on padding).
+
+    A group of two values a > b group-normalises (mean, unbiased std) to [+h, -h], h = 1/sqrt(2):
+    the deviations are +-(a-b)/2 and the std is sqrt(2 * ((a-b)/2)^2 / 1) = (a-b)/sqrt(2).
+    - sum (no std scaling): group 0 totals [1.01, 0.49], mean 0.75 -> [+0.26, -0.26];
+      group 1 [1.25, -1], mean 0.125 -> [+1.125, -1.125]; on every token.
+    - normalize_then_sum: group 0: accuracy [1, 0] -> [+h, -h], calibration [-0.49, -0.01] ->
+      [-h, +h], format constant -> 0; sum [0, 0]. Group 1: accuracy, calibration and format all
+      favour row 2 -> [+3h, -3h]; on every token.
+    - segment: group 0: row 0 gets accuracy +h up to </answer>, calibration -h after it; row 1
+      the reverse (-h, then +h). Group 1: row 2 gets accuracy + format = 2h before and
+      calibration + format = 2h after; row 3 has nothing after </answer>, so its whole sequence
+      takes accuracy + calibration + format = -3h.
+    """
+    h = 2 ** -0.5
+    per_row = {"sum": [0.26, -0.26, 1.125, -1.125], "normalize_then_sum": [0.0, 0.0, 3 * h, -3 * h]}
+    tokens = segments >= 0
+    if combine in per_row:
+        return torch.where(tokens, torch.tensor(per_row[combine])[:, None], 0.0)
+    before = torch.tensor([h, -h, 2 * h, -3 * h])[:, None]
+    after = torch.tensor([-h, h, 2 * h, -3 * h])[:, None]
+    return torch.where(segments == 0, before, torch.where(segments == 1, after, 0.0))
+
+
 @pytest.mark.parametrize("combine", ["sum", "normalize_then_sum", "segment"])
-def test_step_runs_with_every_combiner(tiny, builder, combine):
-    trainer = make_trainer(copy.deepcopy(tiny[0]), tiny[1], builder, combine=combine)
-    torch.manual_seed(0)
-    m = trainer.step()
-    # a random model never writes the format: identical rewards in every group, exact zeros
-    assert m["train/advantage_abs_mean"] == 0.0 and m["train/loss"] == 0.0
+def test_every_combiner_gives_the_hand_worked_advantages(tiny, builder, combine):
+    tok = tiny[1]
+    rollout = _text_rollout(tok, builder, COMBINER_TEXTS)
+    trainer = make_trainer(copy.deepcopy(tiny[0]), tok, builder, combine=combine)
+    parsed, rewards = trainer.score(rollout, [EXAMPLES[0], EXAMPLES[2]])
+    assert rewards.total.tolist() == pytest.approx([1.01, 0.49, 1.25, -1.0])
+    adv = trainer.advantages(rollout, parsed, rewards)
+    segments = segment_ids(tok, rollout.completion_ids, rollout.completion_mask, rollout.texts, parsed)
+    assert (segments[:3] == 1).any(dim=1).all() and not (segments[3] == 1).any()  # the layout the comment assumes
+    assert torch.allclose(adv, _combiner_expected(combine, segments), atol=1e-5)
+    # ppo_epochs=1: ratio 1, so the token-mean loss is -(sum of A over completion tokens) / tokens.
+    out = trainer.update(rollout, adv)
+    mask = rollout.completion_mask
+    assert out["loss"] == pytest.approx(float(-(adv * mask).sum() / mask.sum()), abs=1e-5)
+    assert out["grad_norm"] > 0
+
+
+def test_a_combiner_that_declares_segments_gets_them_without_a_trainer_edit(tiny, builder, monkeypatch):
+    monkeypatch.setattr(COMBINERS, "_items", dict(COMBINERS._items))  # the registrations end with the test
+    seen = {}
+
+    def spy(name):
+        def combine(rewards, names, weights, group_index, segments, *, scale=False, std_floor=1e-4):
+            seen[name] = segments
+            return torch.zeros(segments.shape)
+        return combine
+
+    register_combiner("spy_tokens", needs_segments=True)(spy("spy_tokens"))
+    register_combiner("spy_rows")(spy("spy_rows"))
+    tok = tiny[1]
+    rollout = _text_rollout(tok, builder, COMBINER_TEXTS)
+    for name in ("spy_tokens", "spy_rows"):
+        trainer = make_trainer(copy.deepcopy(tiny[0]), tok, builder, combine=name)
+        parsed, rewards = trainer.score(rollout, [EXAMPLES[0], EXAMPLES[2]])
+        trainer.advantages(rollout, parsed, rewards)
+    real = segment_ids(tok, rollout.completion_ids, rollout.completion_mask, rollout.texts, parsed, builder.fmt.answer)
+    assert torch.equal(seen["spy_tokens"], real) and (real == 1).any()
+    assert torch.equal(seen["spy_rows"], rollout.completion_mask.long() - 1)  # one segment per row
 
 
 def test_update_more_epochs_reports_clipping(tiny, builder):
@@ -385,7 +459,7 @@ def test_step_on_random_model_scores_format_failures(tiny, builder):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_trainer_rejects_bad_settings(tiny, builder):
+def test_trainer_rejects_bad_values(tiny, builder):
     model, tok = tiny
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         make_trainer(model, tok, builder, group_size=1)
@@ -398,10 +472,9 @@ def test_trainer_rejects_bad_settings(tiny, builder):
 
 def test_sft_batches_label_only_the_demonstration(tiny, builder):
     _, tok = tiny
-    settings = SFTSettings(num_examples=3, epochs=1, batch_size=3, confidence_policy="constant",
-                           confidence_kwargs={"value": 0.7}, seed=0, bf16=False)
-    batches = list(sft_batches(tok, builder, EXAMPLES, settings))
-    assert len(batches) == 1 == num_sft_steps(len(EXAMPLES), settings)  # ceil(3 / 3) * 1 epoch
+    sft = SFTConfig(num_examples=3, epochs=1, batch_size=3, confidence=ConfidencePolicyConfig(policy="constant", value=0.7))
+    batches = list(sft_batches(tok, builder, EXAMPLES, sft, seed=0))
+    assert len(batches) == 1 == num_sft_steps(len(EXAMPLES), sft)  # ceil(3 / 3) * 1 epoch
     batch = batches[0]
     ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert ids.shape == attn.shape == labels.shape and ids.shape[0] == 3
@@ -425,14 +498,14 @@ def test_sft_batches_label_only_the_demonstration(tiny, builder):
 
 def test_sft_batches_epochs_and_errors(tiny, builder):
     _, tok = tiny
-    settings = SFTSettings(num_examples=3, epochs=2, batch_size=2, confidence_policy="uniform", seed=1)
-    batches = list(sft_batches(tok, builder, EXAMPLES, settings))
+    sft = SFTConfig(num_examples=3, epochs=2, batch_size=2, confidence=ConfidencePolicyConfig(policy="uniform"))
+    batches = list(sft_batches(tok, builder, EXAMPLES, sft, seed=1))
     # 2 epochs x ceil(3 / 2) = 4 batches of sizes 2, 1, 2, 1
-    assert [b["input_ids"].shape[0] for b in batches] == [2, 1, 2, 1] and num_sft_steps(3, settings) == 4
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1, 2, 1] and num_sft_steps(3, sft) == 4
     with pytest.raises(KeyError, match="valid choices: constant, mixed, uniform"):
-        next(sft_batches(tok, builder, EXAMPLES, SFTSettings(confidence_policy="nope")))
+        next(sft_batches(tok, builder, EXAMPLES, SFTConfig(confidence=ConfidencePolicyConfig(policy="nope"))))
     with pytest.raises(ValueError, match="no SFT examples"):
-        next(sft_batches(tok, builder, [], SFTSettings()))
+        next(sft_batches(tok, builder, [], SFTConfig()))
 
 
 def test_dropping_zero_advantage_groups_changes_only_the_normaliser(tiny, builder):

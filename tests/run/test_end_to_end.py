@@ -213,3 +213,58 @@ def test_gradient_checkpointing_run_matches_the_plain_run(tmp_path, monkeypatch)
         for k in keys:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k
+
+
+def _safetensors(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_bf16_final_checkpoint_is_half_the_size_and_loads(tiny_run, tmp_path):
+    """trainer.save_dtype=bfloat16: the same run (the fixture's, in fp32) writes bf16 weights, about
+    half the bytes, that transformers loads; the final eval, run before the save on the fp32 policy,
+    is the fixture's to the digit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fp32_dir, fp32_results = tiny_run
+    results = run(_compose(["model=tiny", "debug=default", "logger.mode=disabled", "eval.raw_model=true",
+                            "trainer.save_dtype=bfloat16"]), tmp_path)
+    assert json.dumps(results["final"]) == json.dumps(fp32_results["final"])
+    bf16, fp32 = _safetensors(tmp_path / "checkpoint"), _safetensors(fp32_dir / "checkpoint")
+    assert sorted(bf16) == sorted(fp32)  # the tied LM head is stored once, as in fp32
+    assert {t.dtype for t in bf16.values()} == {torch.bfloat16} and {t.dtype for t in fp32.values()} == {torch.float32}
+    for name, weight in fp32.items():  # the fp32 weights rounded to bf16
+        assert torch.equal(bf16[name], weight.to(torch.bfloat16)), name
+    size = (tmp_path / "checkpoint" / "model.safetensors").stat().st_size
+    assert 0.45 < size / (fp32_dir / "checkpoint" / "model.safetensors").stat().st_size < 0.55
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "checkpoint"), dtype="auto")
+    assert model.dtype == torch.bfloat16 and model.config.tie_word_embeddings
+
+
+def test_save_final_model_leaves_the_policy_in_fp32(tmp_path):
+    import copy
+
+    import torch
+
+    from calibrl.models import load_policy
+    from calibrl.run.stages import save_final_model
+    from helpers import tiny_spec
+
+    model, tok = load_policy(tiny_spec())
+    before = copy.deepcopy(model.state_dict())
+    save_final_model(model, tok, tmp_path / "ckpt", "bfloat16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+
+
+def test_unknown_save_dtype_is_one_config_error():
+    from calibrl.config import ConfigError
+    from calibrl.run.validate import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(_compose(["model=tiny", "debug=default", "trainer.save_dtype=float16"]))
+    assert str(err.value) == "unknown trainer.save_dtype 'float16'; valid choices: bfloat16, float32"

@@ -18,22 +18,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import compose_config, read_records
+from helpers import compose_config, make_trainer, read_records
 import reasoning_gym  # noqa: F401  (heavy imports at collection, not inside the first timed test)
 import torch
 import transformers
 from omegaconf import OmegaConf
 
-from calibrl.config import ConfigError
+from calibrl.config import ConfigError, TrainerConfig
 from calibrl.run.validate import validate
 from calibrl.data.prompts import PromptBuilder
-from calibrl.data.sources import Example, build_splits, exact_match
+from calibrl.data.sources import Example, build_splits
 from calibrl.models import ModelSpec, load_policy
-from calibrl.run.pipeline import EXIT_NON_FINITE, _settings, run
-from calibrl.rewards import RewardFunction
+from calibrl.run.pipeline import EXIT_NON_FINITE, run
 import calibrl.rl.grpo as grpo
-from calibrl.rl.engine import TorchEngine
-from calibrl.rl.grpo import GRPOSettings, GRPOTrainer
+from calibrl.rl.grpo import GRPOTrainer
 from calibrl.rl.loss import clipped_policy_loss
 from calibrl.rl.rollout import Rollout, generate_rollout, is_out_of_memory
 from calibrl.tracking import Tracker, redact
@@ -42,7 +40,6 @@ from faults import fake_wandb, nan_losses, out_of_memory_above
 
 TINY = ["model=tiny", "debug=default", "trainer.num_threads=1", "eval.n_bootstrap=0"]
 SECRET = "wandb-test-key-0123456789abcdef0123456789"
-RLCR = {"correctness": 1.0, "brier": 1.0, "format": 0.5}
 EXAMPLES = [
     Example("e0", "What is 2 + 3?", "5"),
     Example("e1", "Compute 12 + 30 - 7, then double-check the result carefully.", "35"),
@@ -73,10 +70,7 @@ def builder(tiny):
 
 
 def _trainer(model, tok, builder, **settings) -> GRPOTrainer:
-    s = GRPOSettings(group_size=2, prompts_per_step=2, max_new_tokens=6, micro_batch_size=2, bf16=False, **settings)
-    engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), max_grad_norm=1.0)
-    return GRPOTrainer(engine, tok, builder, EXAMPLES, lambda a, e: a is not None and exact_match(a, e) >= 1,
-                       RewardFunction(RLCR), s)
+    return make_trainer(model, tok, builder, EXAMPLES, **settings)  # B=2, G=2, micro-batches of 2
 
 
 def _hand_rollout(tok, builder) -> Rollout:
@@ -398,9 +392,14 @@ def test_grpo_step_counts_generation_out_of_memory_retries(tiny, builder, monkey
     assert trainer.step()["perf/generation_oom_retries"] == 0.0  # counted per step
 
 
-def test_min_generation_batch_reaches_the_trainer_settings():
-    cfg = _compose([*TINY, "trainer.min_generation_batch=4"])
-    assert _settings(GRPOSettings, cfg.algo, cfg.trainer, cfg.objective).min_generation_batch == 4
+def test_min_generation_batch_reaches_generation(tiny, builder, monkeypatch):
+    trainer_cfg = OmegaConf.to_object(_compose([*TINY, "trainer.min_generation_batch=4"]).trainer)
+    assert isinstance(trainer_cfg, TrainerConfig) and trainer_cfg.min_generation_batch == 4
+    trainer = _trainer(copy.deepcopy(tiny[0]), tiny[1], builder, min_generation_batch=trainer_cfg.min_generation_batch)
+    seen = {}
+    monkeypatch.setattr(grpo, "generate_rollout", lambda *args, min_prompts, **kwargs: seen.update(min_prompts=min_prompts))
+    trainer.generate(EXAMPLES[:2])
+    assert seen == {"min_prompts": 4}
 
 
 # --------------------------------------------------------------------------- trust_remote_code, paths

@@ -30,6 +30,7 @@ import torch
 import transformers
 from hydra import compose, initialize_config_dir
 
+import calibrl.run.build as build
 import calibrl.run.pipeline as pipeline
 from calibrl.cli import CONF_DIR
 from faults import fake_wandb, nan_losses, scripted_answers
@@ -49,7 +50,7 @@ def _restore_threads():
 
 def _hanging_verifier(monkeypatch) -> None:
     """Wrap the run's verifier so that it sleeps for an hour on the answer ``HANG``."""
-    original = pipeline.build_splits
+    original = build.build_splits
 
     def build_splits(*args, **kwargs):
         splits = original(*args, **kwargs)
@@ -63,7 +64,7 @@ def _hanging_verifier(monkeypatch) -> None:
         splits.verify = hanging
         return splits
 
-    monkeypatch.setattr(pipeline, "build_splits", build_splits)
+    monkeypatch.setattr(build, "build_splits", build_splits)
 
 
 def soak(tmp_path: Path, monkeypatch, caplog, steps: int, save_every: int, eval_every: int, nan_step: int,

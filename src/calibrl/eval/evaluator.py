@@ -44,13 +44,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from calibrl.config import EvalConfig
 from calibrl.eval.signals import SIGNALS, confidence_signals
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.example import Example
@@ -62,78 +63,38 @@ from calibrl.rewards import RewardFunction
 from calibrl.rl.rollout import generate_rollout
 from calibrl.rewards.scoring import score_completions
 
-__all__ = ["EvalSettings", "EvalResult", "check_slice_fields", "evaluate", "report_json", "signal_values", "write_predictions"]
+__all__ = [
+    "EvalResult", "check_eval_config", "check_slice_fields", "evaluate", "report_json", "signal_values", "write_predictions",
+]
 
 # Metrics of the voted aggregates (a short list: a vote is already a summary).
 VOTE_METRICS = ("ece", "brier", "auroc", "confidence_mean")
 
 
-@dataclass
-class EvalSettings:
-    """Mirrors the ``eval`` config node.
+def check_eval_config(settings: EvalConfig) -> None:
+    """Check the ``eval`` settings (the :class:`calibrl.config.EvalConfig` fields' meaning is
+    documented there).
 
-    Attributes:
-        batch_size: questions per ``generate`` call (each with ``n_samples`` completions).
-        max_new_tokens: completion length cap (tokens).
-        do_sample: sample instead of greedy decoding (required when ``n_samples > 1``).
-        temperature: sampling temperature (used when ``do_sample``).
-        n_samples: completions per question (>= 1); with more than one, voting is reported.
-        n_bins: ECE / reliability bins.
-        confident_threshold: stated confidence at or above which a wrong answer counts as a
-            confident error, in [0, 1].
-        window: tokens per sliding window of the ``lowest_window_prob`` signal (>= 1).
-        intrinsic: compute the model-intrinsic signals (one extra forward pass per batch).
-        n_bootstrap: bootstrap resamples per CI (0: point estimates only).
-        ci_level: CI coverage in (0, 1).
-        seed: seeds sampling (in a forked RNG, so training's RNG is untouched) and the bootstrap.
-        slice_by: example fields to slice by (``slice`` is the dataset's slice label; other names
-            are :attr:`calibrl.data.example.Example.fields`, e.g. ``num_terms`` or ``task``).
+    Raises:
+        ValueError: an invalid setting; the message names the ``eval.*`` key.
     """
-
-    batch_size: int = 64
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    n_samples: int = 1
-    n_bins: int = 10
-    confident_threshold: float = 0.9
-    window: int = 16
-    intrinsic: bool = True
-    n_bootstrap: int = 1000
-    ci_level: float = 0.95
-    seed: int = 0
-    slice_by: Sequence[str] = ("slice",)
-
-    def __post_init__(self) -> None:
-        problems = [
-            (self.batch_size < 1, f"eval.batch_size must be >= 1, got {self.batch_size}"),
-            (self.max_new_tokens < 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.n_samples < 1, f"eval.n_samples must be >= 1, got {self.n_samples}"),
-            (self.n_samples > 1 and not self.do_sample,
-             f"eval.n_samples={self.n_samples} needs eval.do_sample=true (greedy samples would all be identical)"),
-            (self.do_sample and self.temperature <= 0, f"eval.temperature must be > 0, got {self.temperature}"),
-            (self.n_bins < 1, f"eval.n_bins must be >= 1, got {self.n_bins}"),
-            (not 0.0 <= self.confident_threshold <= 1.0,
-             f"eval.confident_threshold must be in [0, 1], got {self.confident_threshold}"),
-            (self.window < 1, f"eval.window must be >= 1, got {self.window}"),
-            (self.n_bootstrap < 0, f"eval.n_bootstrap must be >= 0, got {self.n_bootstrap}"),
-            (not 0.0 < self.ci_level < 1.0, f"eval.ci_level must be in (0, 1), got {self.ci_level}"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise ValueError(message)
-        self.slice_by = tuple(self.slice_by)
-
-    @classmethod
-    def from_config(cls, node: Any) -> "EvalSettings":
-        """Build from an ``eval`` config node (a mapping); keys that are not fields (e.g.
-        ``raw_model``, read by the pipeline) are ignored.
-
-        Raises:
-            ValueError: an invalid setting (the message names the ``eval.*`` key).
-        """
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in dict(node).items() if k in names})
+    s = settings
+    problems = [
+        (s.batch_size < 1, f"eval.batch_size must be >= 1, got {s.batch_size}"),
+        (s.max_new_tokens < 1, f"eval.max_new_tokens must be >= 1, got {s.max_new_tokens}"),
+        (s.n_samples < 1, f"eval.n_samples must be >= 1, got {s.n_samples}"),
+        (s.n_samples > 1 and not s.do_sample,
+         f"eval.n_samples={s.n_samples} needs eval.do_sample=true (greedy samples would all be identical)"),
+        (s.do_sample and s.temperature <= 0, f"eval.temperature must be > 0, got {s.temperature}"),
+        (s.n_bins < 1, f"eval.n_bins must be >= 1, got {s.n_bins}"),
+        (not 0.0 <= s.confident_threshold <= 1.0, f"eval.confident_threshold must be in [0, 1], got {s.confident_threshold}"),
+        (s.window < 1, f"eval.window must be >= 1, got {s.window}"),
+        (s.n_bootstrap < 0, f"eval.n_bootstrap must be >= 0, got {s.n_bootstrap}"),
+        (not 0.0 < s.ci_level < 1.0, f"eval.ci_level must be in (0, 1), got {s.ci_level}"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise ValueError(message)
 
 
 @dataclass
@@ -171,57 +132,46 @@ class EvalResult:
         return out
 
 
-def _generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: PromptBuilder,
-    examples: Sequence[Example],
-    is_correct: Callable[[str | None, Example], bool],
-    reward_fn: RewardFunction,
-    settings: EvalSettings,
-    dataset: str,
+def _batch_rows(
+    model: Any, tokenizer: Any, prompts: PromptBuilder, batch: list[Example],
+    score: Callable[[list[str], list[Example]], tuple[list[Any], Any]], settings: EvalConfig, dataset: str,
     autocast_dtype: torch.dtype | None,
-    progress: Callable[[int], None] | None,
 ) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(examples), settings.batch_size):
-        batch = list(examples[start : start + settings.batch_size])
-        rollout = generate_rollout(
-            model,
-            tokenizer,
-            [prompts.prompt(e) for e in batch],
-            settings.n_samples,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            do_sample=settings.do_sample,
-            stop_string=f"</{prompts.fmt.confidence}>",
-            autocast_dtype=autocast_dtype,
-        )
-        per_sample = [e for e in batch for _ in range(settings.n_samples)]  # rollout rows: group by group
-        parsed, rewards = score_completions(rollout.texts, per_sample, is_correct, reward_fn, prompts.fmt)
-        nan = np.full(len(rollout), np.nan)
-        signals = (
-            confidence_signals(model, tokenizer, rollout, parsed, prompts.fmt, window=settings.window,
-                               autocast_dtype=autocast_dtype)
-            if settings.intrinsic
-            else {"verbalized": rewards.confidence, "answer_prob": nan, "lowest_window_prob": nan}
-        )
-        for i, (e, text, p) in enumerate(zip(per_sample, rollout.texts, parsed)):
-            rows.append(
-                {
-                    "dataset": dataset, "id": e.id, "sample": i % settings.n_samples, "slice": e.slice,
-                    "fields": dict(e.fields), "question": e.question, "reference": e.answer, "completion": text,
-                    "answer": p.answer, "format_ok": p.format_ok, "error": p.error,
-                    "abstained": p.abstained, "unanswerable": e.unanswerable,
-                    "correct": int(rewards.correct[i]),
-                    # `confidence` is the verbalized signal (None when the format failed).
-                    "confidence": p.confidence,
-                    **{s: _finite_or_none(signals[s][i]) for s in SIGNALS if s != "verbalized"},
-                }
-            )
-        if progress:
-            progress(len(batch))
-    return rows
+    """Prediction rows of one batch of questions: ``len(batch) * n_samples`` rows, question by
+    question; ``score(texts, examples)`` parses, verifies and rewards the completions."""
+    rollout = generate_rollout(
+        model,
+        tokenizer,
+        [prompts.prompt(e) for e in batch],
+        settings.n_samples,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        do_sample=settings.do_sample,
+        stop_string=f"</{prompts.fmt.confidence}>",
+        autocast_dtype=autocast_dtype,
+    )
+    per_sample = [e for e in batch for _ in range(settings.n_samples)]  # rollout rows: group by group
+    parsed, rewards = score(rollout.texts, per_sample)
+    nan = np.full(len(rollout), np.nan)
+    signals = (
+        confidence_signals(model, tokenizer, rollout, parsed, prompts.fmt, window=settings.window,
+                           autocast_dtype=autocast_dtype)
+        if settings.intrinsic
+        else {"verbalized": rewards.confidence, "answer_prob": nan, "lowest_window_prob": nan}
+    )
+    return [
+        {
+            "dataset": dataset, "id": e.id, "sample": i % settings.n_samples, "slice": e.slice,
+            "fields": dict(e.fields), "question": e.question, "reference": e.answer, "completion": text,
+            "answer": p.answer, "format_ok": p.format_ok, "error": p.error,
+            "abstained": p.abstained, "unanswerable": e.unanswerable,
+            "correct": int(rewards.correct[i]),
+            # `confidence` is the verbalized signal (None when the format failed).
+            "confidence": p.confidence,
+            **{s: _finite_or_none(signals[s][i]) for s in SIGNALS if s != "verbalized"},
+        }
+        for i, (e, text, p) in enumerate(zip(per_sample, rollout.texts, parsed))
+    ]
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -235,7 +185,7 @@ def signal_values(rows: Sequence[dict[str, Any]], signal: str) -> np.ndarray:
     return np.array([np.nan if r[key] is None or not r["format_ok"] else r[key] for r in rows], dtype=np.float64)
 
 
-def _mean_ci(values: np.ndarray, name: str, settings: EvalSettings) -> dict[str, float]:
+def _mean_ci(values: np.ndarray, name: str, settings: EvalConfig) -> dict[str, float]:
     """Bootstrap CI of the mean of 0/1 ``values`` (accuracy, format rate); the confidence argument
     of :func:`bootstrap_ci` is unused by a mean, so zeros stand in for it."""
     return bootstrap_ci(
@@ -244,7 +194,7 @@ def _mean_ci(values: np.ndarray, name: str, settings: EvalSettings) -> dict[str,
     )[name]
 
 
-def _signal_reports(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, dict[str, Any]]:
+def _signal_reports(rows: Sequence[dict[str, Any]], settings: EvalConfig) -> dict[str, dict[str, Any]]:
     correct = np.array([r["correct"] for r in rows], dtype=np.float64)
     out: dict[str, dict[str, Any]] = {}
     for signal in SIGNALS:
@@ -263,7 +213,7 @@ def _signal_reports(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> d
     return out
 
 
-def _summarize(rows: list[dict[str, Any]], settings: EvalSettings, dataset: str, abstention: bool = False) -> dict[str, Any]:
+def _summarize(rows: list[dict[str, Any]], settings: EvalConfig, dataset: str, abstention: bool = False) -> dict[str, Any]:
     correct = np.array([r["correct"] for r in rows], dtype=np.float64)
     ok = np.array([r["format_ok"] for r in rows], dtype=np.float64)
     report: dict[str, Any] = {
@@ -300,7 +250,7 @@ def _summarize(rows: list[dict[str, Any]], settings: EvalSettings, dataset: str,
     return report
 
 
-def _voting(rows: Sequence[dict[str, Any]], settings: EvalSettings) -> dict[str, dict[str, Any]]:
+def _voting(rows: Sequence[dict[str, Any]], settings: EvalConfig) -> dict[str, dict[str, Any]]:
     """Per voting method: ``coverage`` (share of questions with a vote, a plain number),
     ``accuracy`` over all questions (no vote = wrong) and :data:`VOTE_METRICS` over the questions
     that voted, each with a bootstrap CI over questions."""
@@ -342,14 +292,15 @@ def evaluate(
     examples: Sequence[Example],
     is_correct: Callable[[str | None, Example], bool],
     reward_fn: RewardFunction,
-    settings: EvalSettings,
+    settings: EvalConfig,
     *,
     dataset: str,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
     dist: DistInfo = DistInfo(),
 ) -> EvalResult:
-    """Evaluate ``model`` on ``examples`` with ``settings.n_samples`` completions each.
+    """Evaluate ``model`` on ``examples`` with ``settings.n_samples`` completions each
+    (``settings``: the ``eval`` config group, :class:`calibrl.config.EvalConfig`).
 
     Sampling runs under a forked, seeded RNG (``settings.seed``): the result depends only on the
     weights, the examples and the settings, and the caller's RNG state is left as it was.
@@ -369,17 +320,27 @@ def evaluate(
         An :class:`EvalResult` with ``Q * n_samples`` prediction rows.
 
     Raises:
-        ValueError: no examples, or a ``settings.slice_by`` field the examples do not have.
+        ValueError: an invalid setting (:func:`check_eval_config`), no examples, or a
+            ``settings.slice_by`` field the examples do not have.
     """
+    check_eval_config(settings)
     if not examples:
         raise ValueError(f"eval set {dataset!r} has no examples")
     check_slice_fields(examples, settings.slice_by, dataset)
+
+    def score(texts: list[str], per_sample: list[Example]) -> tuple[list[Any], Any]:
+        return score_completions(texts, per_sample, is_correct, reward_fn, prompts.fmt)
+
+    mine, rows = examples[dist.rank :: dist.world_size], []
     device = module_device(model)
     # on a GPU, sampling draws from the CUDA generator: fork it too
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
-        rows = _generate(model, tokenizer, prompts, examples[dist.rank :: dist.world_size], is_correct, reward_fn,
-                         settings, dataset, autocast_dtype, progress)
+        for start in range(0, len(mine), settings.batch_size):
+            batch = list(mine[start : start + settings.batch_size])
+            rows += _batch_rows(model, tokenizer, prompts, batch, score, settings, dataset, autocast_dtype)
+            if progress:
+                progress(len(batch))
     if dist.world_size > 1:
         order = {e.id: i for i, e in enumerate(examples)}
         rows = sorted((r for part in gather_objects(rows) for r in part), key=lambda r: (order[r["id"]], r["sample"]))

@@ -4,7 +4,7 @@
 
 - a **run directory** written by ``calibrl-train`` (holds ``config_resolved.yaml`` and
   ``checkpoint/``). With ``use_run_config=true`` (default) the run's model, data (the in-domain
-  set), prompt, reward, objective, ``eval`` settings, seed and ``trainer.bf16`` are used, so the
+  set), prompt, reward, ``eval`` settings, seed and ``trainer.bf16`` are used, so the
   in-domain numbers equal the run's final eval; ``key=value`` overrides given on the command line
   for those keys are applied on top.
 - an **HF model directory** (holds ``config.json``): loaded as ``model.kind=hf``.
@@ -32,12 +32,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from calibrl.config import ConfigError
+from calibrl.config import ConfigError, EvalConfig
 from calibrl.data.format import completion_format
 from calibrl.data import PromptBuilder, build_splits
 from calibrl.eval.signals import SIGNALS
 from calibrl.device import DEVICES, resolve_device
-from calibrl.eval.evaluator import EvalResult, EvalSettings, check_slice_fields, evaluate, report_json, signal_values
+from calibrl.eval.evaluator import EvalResult, check_eval_config, check_slice_fields, evaluate, report_json, signal_values
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
 from calibrl.tracking import Tracker
@@ -47,9 +47,9 @@ __all__ = ["RUN_KEYS", "resolve_checkpoint", "validate_eval_job", "run_eval_job"
 log = logging.getLogger(__name__)
 
 # Keys a run directory supplies (use_run_config=true); `model` is replaced by its checkpoint.
-RUN_KEYS = ("data", "prompt", "reward", "objective", "eval", "seed")
+RUN_KEYS = ("data", "prompt", "reward", "eval", "seed")
 # Config groups of conf/eval.yaml (a bare `group=choice` override picks a preset file).
-GROUPS = ("model", "data", "prompt", "reward", "objective", "logger", "eval_sets")
+GROUPS = ("model", "data", "prompt", "reward", "logger", "eval_sets")
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -145,11 +145,11 @@ def _eval_sets(cfg: DictConfig) -> dict[str, DictConfig]:
     return sets
 
 
-def validate_eval_job(cfg: DictConfig) -> EvalSettings:
+def validate_eval_job(cfg: DictConfig) -> EvalConfig:
     """Check a resolved eval job before any model or data is loaded.
 
     Returns:
-        The eval settings.
+        The eval settings (the ``eval`` group as its schema dataclass).
 
     Raises:
         ConfigError: an unknown registry name, an invalid ``eval.*`` setting or an unknown
@@ -161,7 +161,8 @@ def validate_eval_job(cfg: DictConfig) -> EvalSettings:
     try:
         completion_format(cfg)
         RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
-        settings = EvalSettings.from_config(cfg.eval)
+        settings: EvalConfig = OmegaConf.to_object(cfg.eval)
+        check_eval_config(settings)
         for name, node in _eval_sets(cfg).items():
             SOURCES.get(node.source)
             if node.source == "hf":
@@ -179,7 +180,7 @@ def validate_eval_job(cfg: DictConfig) -> EvalSettings:
     return settings
 
 
-def _plots(result: EvalResult, settings: EvalSettings, plot_dir: Path) -> dict[str, Path]:
+def _plots(result: EvalResult, settings: EvalConfig, plot_dir: Path) -> dict[str, Path]:
     from calibrl.eval.plots import confidence_histogram, reliability_grid
 
     correct = np.array([r["correct"] for r in result.predictions], dtype=np.float64)

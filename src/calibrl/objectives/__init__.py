@@ -7,7 +7,8 @@ from calibrl.objectives.combiners import (
     OBJECTIVES,
     Combiner,
     objective_of,
+    register_combiner,
     segment_ids,
 )
 
-__all__ = ["COMBINERS", "OBJECTIVES", "OBJECTIVE_OF", "Combiner", "objective_of", "segment_ids"]
+__all__ = ["COMBINERS", "OBJECTIVES", "OBJECTIVE_OF", "Combiner", "objective_of", "register_combiner", "segment_ids"]

@@ -8,16 +8,22 @@ Reward components (:mod:`calibrl.rewards.components`) are grouped into four *obj
     format       format
     abstention   abstention                          (optional: the reward for abstaining)
 
-A combiner (registry :data:`COMBINERS`, config ``objective.combine``) has one signature::
+A combiner (registry :data:`COMBINERS`, config ``objective.combine``, registered with
+:func:`register_combiner`) has one signature::
 
     combine(rewards [N, K], names [K], weights [K], group_index [N], segments [N, L], *,
             scale=False, std_floor=1e-4) -> advantages [N, L]
+
+and declares, as its ``needs_segments`` attribute, whether it reads the token segments: the
+trainer computes them (:func:`segment_ids`, a decode per token) only for a combiner that says so,
+and hands the others ``completion_mask - 1``. A new token-level combiner needs no trainer edit.
 
 ``rewards[i, k]`` is component ``names[k]`` of completion i; completions with equal
 ``group_index`` answer the same prompt (a GRPO group, at least 2 rows, not necessarily
 contiguous). ``segments[i, t]`` is 0 on the reasoning+answer tokens (up to and including the
 token that closes ``</answer>``), 1 on the tokens after it (analysis, confidence), -1 on padding;
-see :func:`segment_ids`. Combiners that ignore the boundary accept ``completion_mask - 1``.
+see :func:`segment_ids`. Combiners that ignore the boundary (``needs_segments = False``) accept
+``completion_mask - 1``.
 Advantages are exactly 0 on padding. "Group-normalise" below means
 :func:`calibrl.objectives.advantages.group_advantages` applied group by group: subtract the group mean,
 divide by the unbiased group std floored at ``std_floor``, exact 0 where the group's values are
@@ -56,9 +62,9 @@ advantages for that group under every combiner.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -67,7 +73,7 @@ from calibrl.registry import Registry
 from calibrl.rewards.parsing import ParsedCompletion
 from calibrl.objectives.advantages import group_advantages
 
-__all__ = ["COMBINERS", "OBJECTIVES", "OBJECTIVE_OF", "Combiner", "objective_of", "segment_ids"]
+__all__ = ["COMBINERS", "OBJECTIVES", "OBJECTIVE_OF", "Combiner", "objective_of", "register_combiner", "segment_ids"]
 
 OBJECTIVES = ("accuracy", "calibration", "format", "abstention")
 
@@ -100,7 +106,13 @@ def objective_of(component: str) -> str:
 
 
 class Combiner(Protocol):
-    """Signature shared by every entry of :data:`COMBINERS` (see the module docstring)."""
+    """Signature shared by every entry of :data:`COMBINERS` (see the module docstring).
+
+    Attributes:
+        needs_segments: the combiner reads ``segments`` (set by :func:`register_combiner`).
+    """
+
+    needs_segments: bool
 
     def __call__(
         self,
@@ -116,6 +128,23 @@ class Combiner(Protocol):
 
 
 COMBINERS: Registry[Combiner] = Registry("objective combiner")
+
+_F = TypeVar("_F", bound=Callable[..., torch.Tensor])
+
+
+def register_combiner(name: str, *, needs_segments: bool = False) -> Callable[[_F], _F]:
+    """Decorator: register a combiner in :data:`COMBINERS` as ``name``, declaring whether it reads
+    the token segments (``needs_segments``, set as the function's attribute).
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def wrap(fn: _F) -> _F:
+        fn.needs_segments = needs_segments  # type: ignore[attr-defined]
+        return COMBINERS.register(name)(fn)
+
+    return wrap
 
 
 def _validate(
@@ -188,7 +217,7 @@ def _on_tokens(adv: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return torch.where(where, adv.unsqueeze(1), adv.new_zeros(()))
 
 
-@COMBINERS.register("sum")
+@register_combiner("sum")
 def combine_sum(
     rewards: torch.Tensor,
     names: Sequence[str],
@@ -213,7 +242,7 @@ def combine_sum(
     return _on_tokens(_per_group(total, group_index, scale, std_floor), segments >= 0)
 
 
-@COMBINERS.register("normalize_then_sum")
+@register_combiner("normalize_then_sum")
 def combine_normalize_then_sum(
     rewards: torch.Tensor,
     names: Sequence[str],
@@ -236,7 +265,7 @@ def combine_normalize_then_sum(
     return _on_tokens(sum(adv.values()), segments >= 0)
 
 
-@COMBINERS.register("segment")
+@register_combiner("segment", needs_segments=True)
 def combine_segment(
     rewards: torch.Tensor,
     names: Sequence[str],

@@ -1,5 +1,9 @@
 """GRPO-style RL with a calibration-aware reward, on one process or data parallel under DeepSpeed.
 
+Settings: :class:`GRPOTrainer` receives the ``algo``, ``trainer`` and ``objective`` config groups
+as their schema dataclasses (:class:`calibrl.config.AlgoConfig`, :class:`~calibrl.config.TrainerConfig`,
+:class:`~calibrl.config.ObjectiveConfig`); the names below are their fields.
+
 The algorithm, exactly as implemented (one RL step):
 
 1. **Prompts.** Take the next ``algo.prompts_per_step`` (B) training examples from a seeded,
@@ -24,7 +28,9 @@ The algorithm, exactly as implemented (one RL step):
    when ``algo.scale_rewards``, on every token; ``normalize_then_sum``: each objective
    (accuracy, calibration, format, abstention) group-normalised on its own, then summed;
    ``segment``: those per-objective advantages on the tokens that produced them (accuracy and
-   abstention up to ``</answer>``, calibration after it). No value model.
+   abstention up to ``</answer>``, calibration after it). The token segments
+   (:func:`calibrl.objectives.segment_ids`) are computed only for a combiner whose registry entry
+   declares ``needs_segments``; the others get one segment per row. No value model.
 5. **Policy loss.** PPO clipped surrogate over completion tokens only (prompt and padding
    masked), ratio ``exp(logp - old_logp)`` clipped to ``[1 - clip_low, 1 + clip_high]``,
    aggregated by ``algo.loss_agg`` (token mean by default), plus ``beta * k3-KL`` to a frozen
@@ -48,7 +54,7 @@ The algorithm, exactly as implemented (one RL step):
    in ``train/skipped_steps``: a micro-batch loss that is not finite skips its backward and the
    rest of the step (gradients zeroed, no optimizer or scheduler step), and so does a non-finite
    gradient norm. ``train/bad_steps_in_row`` counts consecutive RL steps with a skipped update;
-   the pipeline stops the run at ``trainer.max_bad_steps_in_row`` (:mod:`calibrl.run.pipeline`).
+   the RL loop stops the run at ``trainer.max_bad_steps_in_row`` (:mod:`calibrl.run.stages`).
    Under DeepSpeed nothing can be skipped (every rank must run every micro-batch, and DeepSpeed
    applies the update itself): a non-finite loss makes the gradient norm non-finite, which
    raises ``FloatingPointError`` and stops the run.
@@ -71,12 +77,13 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from calibrl.config import AlgoConfig, ObjectiveConfig, TrainerConfig
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.example import Example
 from calibrl.device import autocast, module_device
@@ -89,56 +96,7 @@ from calibrl.rl.loss import clipped_policy_loss
 from calibrl.rl.rollout import Rollout, SamplingCopy, completion_logprobs, generate_rollout
 from calibrl.rewards.scoring import score_completions
 
-__all__ = ["GRPOSettings", "GRPOTrainer", "example_stream"]
-
-
-@dataclass
-class GRPOSettings:
-    """Hyperparameters of the RL stage (``algo`` and ``trainer`` config groups).
-
-    Attributes:
-        group_size: G completions per prompt (>= 2).
-        prompts_per_step: B prompts per RL step.
-        max_new_tokens: completion length cap, tokens.
-        temperature, top_p: sampling settings of rollouts.
-        combine: objective combiner, a name in :data:`calibrl.objectives.COMBINERS`
-            (``objective.combine``): ``sum`` | ``normalize_then_sum`` | ``segment``.
-        scale_rewards: divide advantages by the group std (the ``sum`` combiner).
-        std_floor: floor of that std.
-        clip_low, clip_high: PPO clip range ``[1 - clip_low, 1 + clip_high]``.
-        beta: KL coefficient (0 = no reference model).
-        loss_agg: ``token_mean`` | ``seq_mean_token_mean`` | ``constant`` (see :mod:`calibrl.rl.loss`).
-        drop_zero_adv_groups: leave groups whose advantages are all 0 (every completion scored
-            the same) out of the loss normalisers, as DAPO's dynamic sampling does
-            (arXiv:2503.14476), without refilling the batch; their share is logged either way.
-        mask_truncated: completions cut off at ``max_new_tokens`` (no EOS, no stop string) get
-            no loss: their tokens leave the policy loss and its normalisers (DAPO's overlong
-            filtering); rewards and group baselines still include them.
-        ppo_epochs: optimizer steps per rollout batch.
-        micro_batch_size: completions per forward/backward.
-        bf16: bf16 autocast for generation, forward and backward.
-        min_generation_batch: out of memory, rollouts are generated in halves down to this many
-            prompts per ``generate`` call.
-    """
-
-    group_size: int = 8
-    prompts_per_step: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    combine: str = "sum"
-    scale_rewards: bool = False
-    std_floor: float = 1e-4
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    beta: float = 0.0
-    loss_agg: str = "token_mean"
-    drop_zero_adv_groups: bool = False
-    mask_truncated: bool = False
-    ppo_epochs: int = 1
-    micro_batch_size: int = 32
-    bf16: bool = True
-    min_generation_batch: int = 1
+__all__ = ["GRPOTrainer", "example_stream"]
 
 
 def _live_groups(advantages: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
@@ -181,8 +139,12 @@ class GRPOTrainer:
         train_examples: prompts to train on.
         is_correct: verifier verdict ``(answer, example) -> bool``.
         reward_fn: weighted reward components.
-        settings: :class:`GRPOSettings`.
-        reference: frozen reference model, required when ``settings.beta > 0``.
+        algo: the ``algo`` settings (:class:`calibrl.config.AlgoConfig`).
+        trainer: the ``trainer`` settings; the trainer reads ``micro_batch_size``, ``bf16``
+            (autocast when there is no ``sampler``, and in the update) and
+            ``min_generation_batch`` (:class:`calibrl.config.TrainerConfig`).
+        objective: the ``objective`` settings: the combiner's name (:class:`calibrl.config.ObjectiveConfig`).
+        reference: frozen reference model, required when ``algo.beta > 0``.
         seed: seed of the prompt stream (the same on every rank).
         sampler: a :class:`calibrl.rl.rollout.SamplingCopy` that samples the rollouts (refreshed
             from the policy at every step, no autocast), or ``None``: the policy samples them under
@@ -205,30 +167,33 @@ class GRPOTrainer:
         train_examples: Sequence[Example],
         is_correct: Callable[[str | None, Example], bool],
         reward_fn: RewardFunction,
-        settings: GRPOSettings,
+        algo: AlgoConfig,
+        trainer: TrainerConfig,
+        objective: ObjectiveConfig,
         reference: Any = None,
         seed: int = 0,
         dist: DistInfo = DistInfo(),
         sampler: SamplingCopy | None = None,
     ) -> None:
-        if settings.group_size < 2:
-            raise ValueError(f"algo.group_size must be >= 2, got {settings.group_size}")
-        if settings.prompts_per_step % dist.world_size:
+        if algo.group_size < 2:
+            raise ValueError(f"algo.group_size must be >= 2, got {algo.group_size}")
+        if algo.prompts_per_step % dist.world_size:
             raise ValueError(
-                f"algo.prompts_per_step={settings.prompts_per_step} must be a multiple of the {dist.world_size} "
+                f"algo.prompts_per_step={algo.prompts_per_step} must be a multiple of the {dist.world_size} "
                 "processes (each rank takes whole prompts)"
             )
-        if settings.beta > 0 and reference is None:
+        if algo.beta > 0 and reference is None:
             raise ValueError("algo.beta > 0 needs a reference model")
         self.engine, self.policy, self.tokenizer, self.prompts = engine, engine.module, tokenizer, prompts
-        self.is_correct, self.reward_fn, self.s, self.reference = is_correct, reward_fn, settings, reference
+        self.is_correct, self.reward_fn, self.reference = is_correct, reward_fn, reference
+        self.algo, self.trainer_cfg, self.objective = algo, trainer, objective
         self.train_examples, self.seed, self.dist, self.sampler = train_examples, seed, dist, sampler
         self.stream = example_stream(train_examples, seed)
         self.consumed = 0  # examples taken from the stream: the data position of a checkpoint
         self.skipped_steps = 0  # optimizer steps skipped as non-finite, over the run
         self.bad_steps_in_row = 0  # consecutive RL steps with a skipped optimizer step
         self.oom_retries = 0  # generate calls of the current step split after running out of memory
-        self.autocast_dtype = torch.bfloat16 if settings.bf16 else None
+        self.autocast_dtype = torch.bfloat16 if trainer.bf16 else None
 
     def state_dict(self) -> dict[str, int]:
         """The trainer's own resumable state (the engine saves the model and optimizer):
@@ -254,13 +219,13 @@ class GRPOTrainer:
                 model,
                 self.tokenizer,
                 [self.prompts.prompt(e) for e in examples],
-                self.s.group_size,
-                max_new_tokens=self.s.max_new_tokens,
-                temperature=self.s.temperature,
-                top_p=self.s.top_p,
+                self.algo.group_size,
+                max_new_tokens=self.algo.max_new_tokens,
+                temperature=self.algo.temperature,
+                top_p=self.algo.top_p,
                 stop_string=f"</{self.prompts.fmt.confidence}>",
                 autocast_dtype=dtype,
-                min_prompts=self.s.min_generation_batch,
+                min_prompts=self.trainer_cfg.min_generation_batch,
                 on_oom=self._count_oom,
             )
 
@@ -273,7 +238,7 @@ class GRPOTrainer:
         Raises:
             RuntimeError: a non-finite reward (a bug in a component).
         """
-        per_completion = [e for e in examples for _ in range(self.s.group_size)]
+        per_completion = [e for e in examples for _ in range(self.algo.group_size)]
         parsed, rewards = score_completions(rollout.texts, per_completion, self.is_correct, self.reward_fn, self.prompts.fmt)
         if not np.all(np.isfinite(rewards.total)):
             raise RuntimeError("non-finite reward reached the RL loop")
@@ -318,19 +283,79 @@ class GRPOTrainer:
 
     def advantages(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch) -> torch.Tensor:
         """Token advantages from the reward components (step 4), float ``[B*G, L]``, exactly 0 on
-        padding; the objective combiner ``settings.combine`` decides how (see
-        :mod:`calibrl.objectives`)."""
+        padding; the objective combiner ``objective.combine`` decides how (see
+        :mod:`calibrl.objectives`). Token segments are computed only for a combiner that declares
+        ``needs_segments``."""
         names = list(rewards.components)
         r = torch.as_tensor(np.stack([rewards.components[k] for k in names], axis=1), dtype=torch.float32)
         w = torch.tensor([self.reward_fn.weights[k] for k in names], dtype=torch.float32)
-        if self.s.combine == "segment":
+        combiner = COMBINERS.get(self.objective.combine)
+        if combiner.needs_segments:
             segments = segment_ids(self.tokenizer, rollout.completion_ids, rollout.completion_mask, rollout.texts,
                                    parsed, self.prompts.fmt.answer)
         else:
             segments = rollout.completion_mask.long() - 1  # one segment: the combiner ignores boundaries
-        return COMBINERS.get(self.s.combine)(
-            r, names, w, rollout.group_index, segments, scale=self.s.scale_rewards, std_floor=self.s.std_floor
-        )
+        return combiner(r, names, w, rollout.group_index, segments, scale=self.algo.scale_rewards,
+                        std_floor=self.algo.std_floor)
+
+    def _loss_rows(self, rollout: Rollout, advantages: torch.Tensor) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """The rows the loss sees: ``(rollout, counted, nonzero)``, the rollout with truncated rows'
+        completion masks zeroed under ``algo.mask_truncated``, BoolTensors ``[N]``: the row counts in
+        the loss normalisers (not in a dropped all-zero group, not truncated), the row has a
+        non-zero advantage (and is not truncated)."""
+        nonzero = advantages != 0 if advantages.ndim == 1 else (advantages != 0).any(dim=1)
+        counted = torch.ones(len(rollout), dtype=torch.bool)
+        if self.algo.drop_zero_adv_groups:  # rows of groups with some non-zero advantage
+            counted = _live_groups(advantages, rollout.group_index)[rollout.group_index]
+        if self.algo.mask_truncated and rollout.truncated is not None and rollout.truncated.any():
+            # Overlong filtering: a cut-off row keeps no token in the loss or its normalisers.
+            kept = ~rollout.truncated
+            rollout = replace(rollout, completion_mask=rollout.completion_mask * kept[:, None])
+            counted, nonzero = counted & kept, nonzero & kept
+        return rollout, counted, nonzero
+
+    def _active_rows(self, rollout: Rollout, nonzero: torch.Tensor) -> torch.Tensor:
+        """LongTensor ``[N']``: the rows to run forward/backward, in micro-batch order
+        (:meth:`_bucket_order`). Under DeepSpeed every row runs, so each rank makes the same number
+        of collective forward/backward calls and DeepSpeed's fixed accumulation count holds; one
+        plain process skips rows whose advantage is all 0 (they add no gradient at beta = 0)."""
+        skip = self.algo.beta == 0 and not self.engine.collective
+        active = torch.nonzero(nonzero).flatten() if skip else torch.arange(len(rollout))
+        if active.numel() == 0:
+            return active
+        return active[self._bucket_order(rollout.select(active), self.trainer_cfg.micro_batch_size)]
+
+    def _epoch(
+        self, sub: Rollout, adv: torch.Tensor, old: list[torch.Tensor] | None, ref: list[torch.Tensor] | None,
+        n_tokens: float, n_seqs: float,
+    ) -> tuple[float, float, float, float]:
+        """One pass over the micro-batches of ``sub`` (advantages ``adv``, old and reference
+        log-probs per micro-batch) and one optimizer step: ``(loss, clipped tokens, k3-KL sum,
+        grad norm)`` of this rank. A non-finite micro-batch loss (one process) skips its backward
+        and the step: gradients zeroed, loss and grad norm NaN."""
+        a, world, mbs = self.algo, self.dist.world_size, self.trainer_cfg.micro_batch_size
+        self.engine.zero_grad()
+        loss_sum = clipped = kl_sum = 0.0
+        for k, c in enumerate(slice(i, i + mbs) for i in range(0, len(sub), mbs)):
+            mb = sub.select(c)
+            logp = self._logprobs(self.policy, mb, grad=True)  # on the policy's device
+            res = clipped_policy_loss(
+                logp, old[k] if old is not None else logp.detach(), adv[c].to(logp.device),
+                mb.completion_mask.to(logp.device), clip_low=a.clip_low, clip_high=a.clip_high,
+                n_tokens=n_tokens, n_seqs=n_seqs, agg=a.loss_agg, max_len=a.max_new_tokens, beta=a.beta,
+                ref_logp=ref[k] if ref is not None else None,
+            )
+            if not self.engine.collective and not torch.isfinite(res.loss):
+                # Its backward would only put NaN into every gradient: skip it and the step.
+                # (A collective engine must run every micro-batch; its step() raises instead.)
+                self.engine.zero_grad()  # the micro-batches before the bad one
+                return math.nan, clipped, kl_sum, math.nan
+            # DeepSpeed averages gradients over ranks; the loss is normalised globally, so x W
+            self.engine.backward(res.loss * world if world > 1 else res.loss)
+            loss_sum += float(res.loss.detach())
+            clipped += float(res.clipped_tokens)
+            kl_sum += float(res.kl_sum)
+        return loss_sum, clipped, kl_sum, self.engine.step()
 
     def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """Clipped policy-gradient update(s) on one rollout batch (steps 5-6).
@@ -344,94 +369,47 @@ class GRPOTrainer:
             completion token) when ``beta > 0``; ``loss`` and ``grad_norm`` are NaN for an
             update skipped on a non-finite loss.
         """
-        s = self.s
-        nonzero = advantages != 0 if advantages.ndim == 1 else (advantages != 0).any(dim=1)
-        counted = torch.ones(len(rollout), dtype=torch.bool)
-        if s.drop_zero_adv_groups:  # rows of groups with some non-zero advantage
-            counted = _live_groups(advantages, rollout.group_index)[rollout.group_index]
-        if s.mask_truncated and rollout.truncated is not None and rollout.truncated.any():
-            # Overlong filtering: a cut-off row keeps no token in the loss or its normalisers.
-            kept = ~rollout.truncated
-            rollout = replace(rollout, completion_mask=rollout.completion_mask * kept[:, None])
-            counted, nonzero = counted & kept, nonzero & kept
+        a, mbs = self.algo, self.trainer_cfg.micro_batch_size
+        rollout, counted, nonzero = self._loss_rows(rollout, advantages)
         mask = rollout.completion_mask
-        world = self.dist.world_size
         n_tokens, n_seqs = all_reduce_sum([float(mask[counted].sum()), float(counted.sum())])  # global counts
         n_tokens, n_seqs = max(n_tokens, 1.0), max(n_seqs, 1.0)
-        # Under DeepSpeed every row runs, so each rank makes the same number of collective
-        # forward/backward calls and DeepSpeed's fixed accumulation count holds; one plain process
-        # skips rows whose advantage is all 0 (they add no gradient at beta = 0).
-        skip = s.beta == 0 and not self.engine.collective
-        active = torch.nonzero(nonzero).flatten() if skip else torch.arange(len(rollout))
-        out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if s.beta > 0 else {})
+        out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if a.beta > 0 else {})
+        active = self._active_rows(rollout, nonzero)
         if active.numel() == 0:  # nothing to learn from, nothing that could go wrong
             self.bad_steps_in_row = 0
             return out
-        active = active[self._bucket_order(rollout.select(active), s.micro_batch_size)]
-        sub = rollout.select(active)
-        adv = advantages[active]
-        chunks = [slice(i, i + s.micro_batch_size) for i in range(0, len(sub), s.micro_batch_size)]
-        old = ref = None
-        if s.ppo_epochs > 1:
-            old = [self._logprobs(self.policy, sub.select(c), grad=False) for c in chunks]
-        if s.beta > 0:
-            ref = [self._logprobs(self.reference, sub.select(c), grad=False) for c in chunks]
+        sub, adv = rollout.select(active), advantages[active]
+        chunks = [sub.select(slice(i, i + mbs)) for i in range(0, len(sub), mbs)]
+        old = [self._logprobs(self.policy, c, grad=False) for c in chunks] if a.ppo_epochs > 1 else None
+        ref = [self._logprobs(self.reference, c, grad=False) for c in chunks] if a.beta > 0 else None
         self.policy.train()
         skipped = False
-        for _ in range(s.ppo_epochs):
-            self.engine.zero_grad()
-            loss_sum = clipped = kl_sum = 0.0
-            finite = True
-            for k, c in enumerate(chunks):
-                mb = sub.select(c)
-                logp = self._logprobs(self.policy, mb, grad=True)  # on the policy's device
-                res = clipped_policy_loss(
-                    logp,
-                    old[k] if old is not None else logp.detach(),
-                    adv[c].to(logp.device),
-                    mb.completion_mask.to(logp.device),
-                    clip_low=s.clip_low,
-                    clip_high=s.clip_high,
-                    n_tokens=n_tokens,
-                    n_seqs=n_seqs,
-                    agg=s.loss_agg,
-                    max_len=s.max_new_tokens,
-                    beta=s.beta,
-                    ref_logp=ref[k] if ref is not None else None,
-                )
-                if not self.engine.collective and not torch.isfinite(res.loss):
-                    # Its backward would only put NaN into every gradient: skip it and the step.
-                    # (A collective engine must run every micro-batch; its step() raises instead.)
-                    finite = False
-                    break
-                # DeepSpeed averages gradients over ranks; the loss is normalised globally, so x W
-                self.engine.backward(res.loss * world if world > 1 else res.loss)
-                loss_sum += float(res.loss.detach())
-                clipped += float(res.clipped_tokens)
-                kl_sum += float(res.kl_sum)
-            if finite:
-                grad_norm = self.engine.step()
-            else:
-                self.engine.zero_grad()  # the micro-batches before the bad one
-                grad_norm = loss_sum = math.nan
+        for _ in range(a.ppo_epochs):
+            loss_sum, clipped, kl_sum, grad_norm = self._epoch(sub, adv, old, ref, n_tokens, n_seqs)
             if not math.isfinite(grad_norm):
                 self.skipped_steps += 1
                 skipped = True
         self.bad_steps_in_row = self.bad_steps_in_row + 1 if skipped else 0
         loss_sum, clipped, kl_sum = all_reduce_sum([loss_sum, clipped, kl_sum])
         out.update(loss=loss_sum, clip_fraction=clipped / n_tokens, grad_norm=grad_norm)
-        if s.beta > 0:
+        if a.beta > 0:
             out["kl"] = kl_sum / n_tokens
         return out
 
+    def _next_prompts(self) -> list[Example]:
+        """This rank's share of the step's ``algo.prompts_per_step`` prompts (step 1): whole
+        prompts, so a group never spans ranks."""
+        step_examples = [next(self.stream) for _ in range(self.algo.prompts_per_step)]
+        self.consumed += len(step_examples)
+        share = len(step_examples) // self.dist.world_size
+        return step_examples[self.dist.rank * share : (self.dist.rank + 1) * share]
+
     def step(self) -> dict[str, float]:
-        """One RL step; returns the metrics to log (see ``train/``, ``rewards/``, ``perf/``)."""
+        """One RL step (steps 1-6); returns the metrics to log (see ``train/``, ``rewards/``, ``perf/``)."""
         t0 = time.perf_counter()
         self.oom_retries = 0
-        step_examples = [next(self.stream) for _ in range(self.s.prompts_per_step)]
-        self.consumed += len(step_examples)
-        share = len(step_examples) // self.dist.world_size  # each rank: its own prompts, whole groups
-        examples = step_examples[self.dist.rank * share : (self.dist.rank + 1) * share]
+        examples = self._next_prompts()
         rollout = self.generate(examples)
         t1 = time.perf_counter()
         parsed, rewards = self.score(rollout, examples)
@@ -439,7 +417,7 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         upd = self.update(rollout, advantages)
         t3 = time.perf_counter()
-        unanswerable = [e.unanswerable for e in examples for _ in range(self.s.group_size)]
+        unanswerable = [e.unanswerable for e in examples for _ in range(self.algo.group_size)]
         # Metrics of the whole step's batch: every rank's rows gathered (exact means over all
         # completions, not means of per-rank means). Rows stay group by group, so row // G is the
         # question of a row in the gathered batch.
@@ -454,19 +432,25 @@ class GRPOTrainer:
             "adv_abs_sum": float(advantages.abs().sum()), "times": (t1 - t0, t2 - t1, t3 - t2),
             "oom_retries": self.oom_retries,
         })
+        return self._metrics(parts, rewards, upd)
+
+    def _metrics(self, parts: list[dict[str, Any]], rewards: RewardBatch, upd: dict[str, float]) -> dict[str, float]:
+        """The step's metrics from every rank's gathered record ``parts`` (rows group by group, so
+        row // G is the question of a row), this rank's ``rewards`` (component names, guard
+        counters, summed over ranks here) and the update's results ``upd``."""
 
         def cat(key: str) -> np.ndarray:
             return np.concatenate([p[key] for p in parts])
 
         components = {k: np.concatenate([p["components"][k] for p in parts]) for k in rewards.components}
         total, correct, fmt_ok, length = cat("total"), cat("correct"), cat("format_ok"), cat("length")
-        groups = total.reshape(-1, self.s.group_size)
+        groups = total.reshape(-1, self.algo.group_size)
         metrics = reward_metrics(components, total)
         metrics |= {f"train/{k}": v for k, v in calibration_summary(correct, cat("confidence"), fmt_ok).items()}
         metrics |= {f"train/{k}": v for k, v in upd.items()}
         if self.prompts.fmt.abstain is not None or cat("unanswerable").any():
             # a group is G samples of one question, so over-abstention is defined every step
-            abst = abstention_metrics(np.arange(total.size) // self.s.group_size, cat("abstained"), correct, fmt_ok,
+            abst = abstention_metrics(np.arange(total.size) // self.algo.group_size, cat("abstained"), correct, fmt_ok,
                                       cat("unanswerable"))
             metrics |= {f"train/abstain/{k}": v for k, v in abst.items()}
         gen_s, score_s, update_s = (max(p["times"][k] for p in parts) for k in range(3))  # the slowest rank

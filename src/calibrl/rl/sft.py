@@ -2,55 +2,36 @@
 
 Each demonstration is ``<think>{think_text}</think><answer>{gold}</answer><confidence>{q}</confidence>``
 followed by EOS, with q drawn by the configured confidence policy
-(:data:`calibrl.data.prompts.CONFIDENCE_POLICIES`). The loss is the mean next-token
-cross-entropy over demonstration tokens only (prompt and padding are masked with -100).
+(:data:`calibrl.data.prompts.CONFIDENCE_POLICIES`, ``trainer.sft.confidence``). The loss is the
+mean next-token cross-entropy over demonstration tokens only (prompt and padding are masked with
+-100). Settings: :class:`calibrl.config.SFTConfig` (``trainer.sft``: number of demonstrations,
+epochs, batch size) and, from :class:`calibrl.config.TrainerConfig`, ``bf16`` (autocast) and
+``max_grad_norm`` (clipping); ``seed`` seeds the confidence draws and the order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from calibrl.config import SFTConfig, TrainerConfig
 from calibrl.data.prompts import CONFIDENCE_POLICIES, PromptBuilder
 from calibrl.data.example import Example
 from calibrl.device import autocast, module_device
 
-__all__ = ["SFTSettings", "sft_batches", "sft_warmup"]
-
-
-@dataclass
-class SFTSettings:
-    """Mirrors the ``trainer.sft`` config.
-
-    Attributes:
-        num_examples: demonstrations built from the first training examples.
-        epochs: passes over them.
-        batch_size: demonstrations per optimizer step.
-        confidence_policy: name in ``CONFIDENCE_POLICIES``.
-        confidence_kwargs: its arguments (``value``, ``random_fraction``, ``grid_step``).
-        seed: seeds the confidence draws and the order.
-        bf16: bf16 autocast.
-        max_grad_norm: gradient clipping threshold.
-    """
-
-    num_examples: int = 400
-    epochs: int = 2
-    batch_size: int = 8
-    confidence_policy: str = "uniform"
-    confidence_kwargs: dict[str, float] | None = None
-    seed: int = 0
-    bf16: bool = True
-    max_grad_norm: float = 1.0
+__all__ = ["num_sft_steps", "sft_batches", "sft_warmup"]
 
 
 def sft_batches(
-    tokenizer: Any, prompts: PromptBuilder, examples: Sequence[Example], settings: SFTSettings
+    tokenizer: Any, prompts: PromptBuilder, examples: Sequence[Example], sft: SFTConfig, seed: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield tokenized, right-padded batches: ``input_ids``/``attention_mask``/``labels`` ``[b, T]``.
+    """Yield tokenized, right-padded batches: ``input_ids``/``attention_mask``/``labels`` ``[b, T]``
+    (b <= ``sft.batch_size``), ``sft.epochs`` passes over the first ``sft.num_examples`` examples,
+    reshuffled (``seed``) every pass.
 
     Raises:
         KeyError: unknown confidence policy.
@@ -58,18 +39,19 @@ def sft_batches(
     """
     if not examples:
         raise ValueError("no SFT examples")
-    policy = CONFIDENCE_POLICIES.get(settings.confidence_policy)(**(settings.confidence_kwargs or {}))
-    rng = random.Random(settings.seed)
+    confidence = dataclasses.asdict(sft.confidence)
+    policy = CONFIDENCE_POLICIES.get(confidence.pop("policy"))(**confidence)
+    rng = random.Random(seed)
     rows = []
-    for e in list(examples)[: settings.num_examples]:
+    for e in list(examples)[: sft.num_examples]:
         p = tokenizer(prompts.prompt(e), add_special_tokens=False).input_ids
         c = tokenizer(prompts.demonstration(e, policy(rng)), add_special_tokens=False).input_ids
         rows.append((p + c, [-100] * len(p) + c))
     pad = tokenizer.pad_token_id
-    for _ in range(settings.epochs):
+    for _ in range(sft.epochs):
         rng.shuffle(rows)
-        for i in range(0, len(rows), settings.batch_size):
-            chunk = rows[i : i + settings.batch_size]
+        for i in range(0, len(rows), sft.batch_size):
+            chunk = rows[i : i + sft.batch_size]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             labels = torch.full((len(chunk), width), -100, dtype=torch.long)
@@ -100,10 +82,10 @@ def completion_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, targets[keep])
 
 
-def num_sft_steps(n_examples: int, settings: SFTSettings) -> int:
-    """Optimizer steps the warm-up takes."""
-    n = min(n_examples, settings.num_examples)
-    return settings.epochs * -(-n // settings.batch_size)
+def num_sft_steps(n_examples: int, sft: SFTConfig) -> int:
+    """Optimizer steps the warm-up takes over ``n_examples`` training examples."""
+    n = min(n_examples, sft.num_examples)
+    return sft.epochs * -(-n // sft.batch_size)
 
 
 def sft_warmup(
@@ -111,25 +93,28 @@ def sft_warmup(
     tokenizer: Any,
     prompts: PromptBuilder,
     examples: Sequence[Example],
-    settings: SFTSettings,
+    trainer: TrainerConfig,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     on_step: Callable[[int, dict[str, float]], None],
+    seed: int = 0,
 ) -> int:
-    """Run the warm-up; ``on_step(i, metrics)`` receives ``sft/loss``, ``sft/lr``, ``sft/grad_norm``.
+    """Run the warm-up of ``trainer.sft`` (bf16 autocast when ``trainer.bf16``, gradients clipped to
+    ``trainer.max_grad_norm``); ``on_step(i, metrics)`` receives ``sft/loss`` (nats per token),
+    ``sft/lr``, ``sft/grad_norm``.
 
     Returns:
         Number of optimizer steps taken.
     """
     model.train()
     steps = 0
-    for batch in sft_batches(tokenizer, prompts, examples, settings):
+    for batch in sft_batches(tokenizer, prompts, examples, trainer.sft, seed):
         optimizer.zero_grad(set_to_none=True)
         device = module_device(model)
-        with autocast(device, torch.bfloat16 if settings.bf16 else None):
+        with autocast(device, torch.bfloat16 if trainer.bf16 else None):
             loss = completion_loss(model, {k: v.to(device) for k, v in batch.items()})
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.max_grad_norm))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

@@ -1,5 +1,10 @@
 """Start-up validation of the main job's composed config: every registry name resolved, every
-value checked, before any data or model is loaded."""
+value checked, local paths and model files found, before any data or model is loaded.
+
+:func:`validate` runs three checks in turn: :func:`_resolve_names` (registries and the settings
+objects that check themselves), :func:`_value_problems` (one message per bad value, naming the
+key) and :func:`_check_paths`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from calibrl.config import ConfigError
+from calibrl.config import SAVE_DTYPES, ConfigError
 from calibrl.data.format import completion_format
 from calibrl.device import DEVICES
 
@@ -19,18 +24,16 @@ def _local_path(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in (".jsonl", ".json", ".parquet", ".csv")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Resolve every registry name, build the reward function and check local paths, before any
-    heavy work.
+def _resolve_names(cfg: DictConfig) -> None:
+    """Resolve every registry name and build the reward function, the eval settings and the
+    DeepSpeed config (each checks its own values).
 
     Raises:
-        ConfigError: an unknown registry name (the message lists the valid choices) or
-            inconsistent settings (the message names the key).
-        FileNotFoundError: a local model or data path that does not exist.
+        ConfigError: an unknown name (the message lists the valid choices) or a bad value.
     """
     from calibrl.data.prompts import CONFIDENCE_POLICIES
     from calibrl.data.sources import SOURCES, VERIFIERS
-    from calibrl.eval.evaluator import EvalSettings
+    from calibrl.eval.evaluator import check_eval_config
     from calibrl.objectives import COMBINERS, objective_of
     from calibrl.rewards import RewardFunction
     from calibrl.rl.loss import LOSS_AGG
@@ -46,7 +49,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.data.source == "hf":
             VERIFIERS.get(cfg.data.verifier)
         CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
-        EvalSettings.from_config(cfg.eval)
+        check_eval_config(OmegaConf.to_object(cfg.eval))
         if cfg.deepspeed.enabled:
             from calibrl.rl.deepspeed_engine import deepspeed_config
 
@@ -55,6 +58,10 @@ def validate(cfg: DictConfig) -> None:
                              max_grad_norm=cfg.trainer.max_grad_norm)
     except (KeyError, ValueError) as err:
         raise ConfigError(err.args[0]) from err
+
+
+def _value_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
+    """``(failed, message)`` for every value check; each message names its key."""
     checks = [
         (cfg.data.source == "hf" and not cfg.data.path, "data.source=hf needs data.path (a hub id or a local file)"),
         (cfg.data.source == "reasoning_gym" and not cfg.data.task, "data.source=reasoning_gym needs data.task"),
@@ -68,6 +75,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.algo.temperature <= 0, "algo.temperature must be > 0 (rollouts are sampled)"),
         (not 0 < cfg.algo.top_p <= 1, f"algo.top_p must be in (0, 1], got {cfg.algo.top_p}"),
         (cfg.trainer.max_steps < 0, "trainer.max_steps must be >= 0"),
+        (cfg.trainer.save_dtype not in SAVE_DTYPES,
+         f"unknown trainer.save_dtype {cfg.trainer.save_dtype!r}; valid choices: {', '.join(sorted(SAVE_DTYPES))}"),
         (cfg.trainer.save_every < 0, "trainer.save_every must be >= 0 (0: no resumable checkpoints)"),
         (cfg.trainer.keep_last < 1, "trainer.keep_last must be >= 1"),
         (cfg.trainer.max_bad_steps_in_row < 0, "trainer.max_bad_steps_in_row must be >= 0 (0: never stop)"),
@@ -95,9 +104,16 @@ def validate(cfg: DictConfig) -> None:
         ("data.train_size", 1),
     ):
         checks.append((OmegaConf.select(cfg, key) < low, f"{key} must be >= {low}, got {OmegaConf.select(cfg, key)}"))
-    for failed, message in checks:
-        if failed:
-            raise ConfigError(message)
+    return checks
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    """Local model and data paths exist; the model's files (or the package that has them) are there.
+
+    Raises:
+        FileNotFoundError: a local path or model file that does not exist.
+        ConfigError: a key in ``model.tokenizer_from`` that is not a model setting.
+    """
     for key, path in (("model.name_or_path", cfg.model.kind == "hf" and cfg.model.name_or_path),
                       ("data.path", cfg.data.source == "hf" and cfg.data.path)):
         if path and _local_path(path) and not Path(path).expanduser().exists():
@@ -108,3 +124,19 @@ def validate(cfg: DictConfig) -> None:
         check_model_files(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True)))
     except TypeError as err:  # a key in model.tokenizer_from that is not a model setting
         raise ConfigError(f"model.tokenizer_from: {err}") from err
+
+
+def validate(cfg: DictConfig) -> None:
+    """Resolve every registry name, check every value, and check local paths, before any heavy
+    work.
+
+    Raises:
+        ConfigError: an unknown registry name (the message lists the valid choices) or
+            inconsistent settings (the message names the key).
+        FileNotFoundError: a local model or data path that does not exist.
+    """
+    _resolve_names(cfg)
+    for failed, message in _value_problems(cfg):
+        if failed:
+            raise ConfigError(message)
+    _check_paths(cfg)
