@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Brier-weight sweep (README "Sweeps"), then calibrl-compare over its runs.
+# The Brier-weight sweep (docs/sweeps-and-compare.md), then calibrl-compare over its runs.
 #
 #   bash scripts/sweep.sh hydra [OVERRIDES...]   # Hydra multirun of conf/sweep/brier_weight.yaml,
 #                                                 # W&B offline, one run after another

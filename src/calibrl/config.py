@@ -179,7 +179,7 @@ class TrainerConfig:
     """``trainer``: optimisation, precision, devices, evals and checkpoints of the main job."""
 
     max_steps: int = 36  # RL steps
-    lr: float = 7e-6  # 1e-5 and 1.5e-5 lost accuracy or collapsed confidence here (README)
+    lr: float = 7e-6  # 1e-5 and 1.5e-5 lost accuracy or collapsed confidence here (docs/results.md)
     weight_decay: float = 0.0
     lr_scheduler: str = "constant_with_warmup"  # a transformers.get_scheduler name
     warmup_steps: int = 2

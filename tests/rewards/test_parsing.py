@@ -49,7 +49,7 @@ def test_shared_case(case):
             assert p.confidence is not None, p.error
             assert abs(p.confidence - expect["confidence"]) <= 1e-9
     if not expect["format_ok"]:
-        # README: a format failure counts whatever the tags say; never a confidence.
+        # The parsing policy (calibrl.rewards.parsing): a format failure counts whatever the tags say; never a confidence.
         assert p.confidence is None
     if expect.get("answer") is not None:
         assert p.answer is not None and p.answer.strip() == expect["answer"].strip()

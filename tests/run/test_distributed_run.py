@@ -47,7 +47,7 @@ def test_two_process_zero2_run_logs_once_in_one_run_dir(tmp_path):
 
 # A run whose weights keep moving although the random tiny model never writes a well-formed
 # completion (every reward equal): a KL term to the reference plus weight decay (as in
-# tests/test_checkpoint.py). The LR warms up over RL steps 1-2, so steps 3-4 carry the signal.
+# tests/run/test_checkpoint.py). The LR warms up over RL steps 1-2, so steps 3-4 carry the signal.
 ZERO3_RUN = ("deepspeed=zero3", "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=2",
              "algo.beta=0.1", "trainer.weight_decay=0.1", "trainer.lr=1e-3", "logger.mode=offline")
 

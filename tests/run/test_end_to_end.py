@@ -206,6 +206,17 @@ def test_gradient_checkpointing_run_matches_the_plain_run(tmp_path, monkeypatch)
     assert calls == []
     run(_compose([*base, "trainer.gradient_checkpointing=true"]), tmp_path / "ckpt")
     assert calls == [{"activation_checkpointing_kwargs": {"use_reentrant": False}}]
+    # A warm-up taken from the SFT cache gives a fresh model: it is switched on for that one too.
+    import shutil
+
+    from calibrl.run.sft_cache import sft_cache_dir
+
+    cached = [*base, "trainer.gradient_checkpointing=true", "trainer.sft.cache=true"]
+    shutil.rmtree(sft_cache_dir(_compose(cached)), ignore_errors=True)
+    run(_compose(cached), tmp_path / "miss")
+    calls.clear()
+    run(_compose(cached), tmp_path / "hit")
+    assert calls == [{"activation_checkpointing_kwargs": {"use_reentrant": False}}] * 2  # loaded model, cached model
     plain, ckpt = (_records(tmp_path / d / "metrics.jsonl") for d in ("plain", "ckpt"))
     keys = ("sft/loss", "train/loss", "train/grad_norm")
     assert [sorted(k for k in r if k in keys) for r in plain] == [sorted(k for k in r if k in keys) for r in ckpt]

@@ -2,7 +2,7 @@
 out of memory during generation, and start-up checks of model and data paths.
 
 Faults are injected through test-only patches (``tests/faults.py``); the long version of these
-faults together is the soak run (``tests/test_soak.py``).
+faults together is the soak run (``tests/run/test_soak.py``).
 """
 
 from __future__ import annotations

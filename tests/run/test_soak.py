@@ -12,8 +12,8 @@ The tiny random model never writes the completion format, so the soak rewrites s
 into well-formed answers (``faults.scripted_answers``): rewards vary, the verifier sees every
 answer, and every step updates the policy.
 
-    nice python -m pytest tests/test_soak.py            # 20 steps, part of the default run (< 60 s)
-    nice python -m pytest tests/test_soak.py -m slow -s # the 500-step soak; prints its wall time
+    nice python -m pytest tests/run/test_soak.py            # 20 steps, part of the default run (< 60 s)
+    nice python -m pytest tests/run/test_soak.py -m slow -s # the 500-step soak; prints its wall time
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ dataclass records such as :class:`~calibrl.data.example.Example`) by value, ever
 verifier, a bound method, a reasoning-gym dataset) as a key into the table of objects the worker
 inherited. A batch that needs an object made after the fork re-forks the worker first.
 
-Choice and cost (measured on 2 shared CPU cores; ``tests/test_verifier_guard.py`` bounds it):
+Choice and cost (measured on 2 shared CPU cores; ``tests/rewards/test_verifier_guard.py`` bounds it):
 every verifier goes through the worker, ``exact`` and ``squad_em`` too. The round trip costs
 ~0.1 ms per answer (pickling the example, one 5-byte result back): 512 ``exact`` answers take
 ~45 ms through the worker against ~1 ms in-process, next to ~2-3 ms per answer of math-verify

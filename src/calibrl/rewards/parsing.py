@@ -28,7 +28,7 @@ A format failure returns ``confidence=None`` even when an answer was found, so n
 can score an unparseable confidence; every format failure gets the same, lowest reward
 (:mod:`calibrl.rewards.components`).
 
-Reward-hacking probes (``tests/test_reward_probes.py`` pins each outcome and its reward; under
+Reward-hacking probes (``tests/rewards/test_reward_probes.py`` pins each outcome and its reward; under
 ``reward=rlcr`` a format failure totals ``0 - 1 + 0 = -1``, the least any completion can get):
 
 =============================================  ==============================================

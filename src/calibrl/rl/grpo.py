@@ -68,7 +68,7 @@ are computed on the gathered batch. Under ZeRO-3 rollouts are generated inside t
 
 Launch: ``calibrl-train`` (or ``python -m calibrl.train``), e.g.
 ``calibrl-train experiment=quickstart`` or ``calibrl-train model=tiny debug=default``; several
-processes: ``torchrun --nproc_per_node N -m calibrl.train deepspeed=zero2 ...`` (README).
+processes: ``torchrun --nproc_per_node N -m calibrl.train deepspeed=zero2 ...`` (docs/distributed.md).
 """
 
 from __future__ import annotations

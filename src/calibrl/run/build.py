@@ -37,7 +37,7 @@ from calibrl.run.checkpoint import CheckpointState
 from calibrl.run.guards import resume_state
 from calibrl.tracking import Tracker, redact
 
-__all__ = ["RunParts", "build", "make_optimizer", "make_scheduler", "run_tags"]
+__all__ = ["RunParts", "build", "make_optimizer", "make_scheduler", "place_policy", "run_tags"]
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,20 @@ def _splits(cfg: DictConfig, settings: Config) -> DataSplits:
     return splits
 
 
+def place_policy(model: Any, device: torch.device, gradient_checkpointing: bool) -> Any:
+    """``model`` on ``device``, with HF activation checkpointing switched on when
+    ``gradient_checkpointing`` (activations recomputed in backward: less memory, ~1/3 more
+    compute). Every policy a run trains goes through here: the loaded one and the SFT cache's."""
+    model.to(device)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def _policy(cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
     """The policy (fp32, on ``device``) and its tokenizer."""
     model, tokenizer = load_policy(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed))
-    model.to(device)
-    if cfg.trainer.gradient_checkpointing:  # activations recomputed in backward: less memory, ~1/3 more compute
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
+    return place_policy(model, device, cfg.trainer.gradient_checkpointing), tokenizer
 
 
 def _run_dir(run_dir: Path, settings: Config, info: DistInfo) -> tuple[Path, CheckpointState | None]:

@@ -40,7 +40,7 @@ from calibrl.rl.engine import Engine, TorchEngine
 from calibrl.rl.grpo import GRPOTrainer
 from calibrl.rl.rollout import SamplingCopy
 from calibrl.rl.sft import num_sft_steps, sft_warmup
-from calibrl.run.build import RunParts, make_optimizer, make_scheduler
+from calibrl.run.build import RunParts, make_optimizer, make_scheduler, place_policy
 from calibrl.run.checkpoint import save_checkpoint
 from calibrl.run.guards import EXIT_NON_FINITE, Cadence, RunStopped, SignalFlag, non_finite_message
 from calibrl.run.sft_cache import SFTCacheEntry, load_sft_cache, save_sft_cache, sft_cache_dir
@@ -127,9 +127,10 @@ def _sft_from_cache(parts: RunParts, state: RunState, cached: SFTCacheEntry) -> 
 
     log.info("SFT warm-up and its eval loaded from the cache %s", cached.path)
     print(f"SFT warm-up: loaded from the cache {cached.path}")
-    parts.model = AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(cached.path / "checkpoint"), dtype=torch.float32, trust_remote_code=parts.settings.model.trust_remote_code,
-    ).to(parts.device)
+    )
+    parts.model = place_policy(model, parts.device, parts.settings.trainer.gradient_checkpointing)
     for record in cached.records:
         parts.tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     state.step = cached.last_step
