@@ -127,3 +127,38 @@ def test_remove_run_dir_keeps_a_dated_parent_with_other_runs(tmp_path):
     assert [p.name for p in date.iterdir()] == ["09-00-00_earlier"]
     _remove_run_dir(date / "09-00-00_earlier", pattern)
     assert not date.exists() and (tmp_path / "outputs").is_dir()
+
+
+# --------------------------------------------------------------------------- found by a new user
+
+
+@pytest.mark.parametrize("module, args", [("calibrl.train", ["model=hf", "debug=default"]),
+                                          ("calibrl.eval", ["checkpoint=hf"])], ids=["train", "eval"])
+def test_hf_preset_without_a_path_names_the_key_to_set(module, args, tmp_path):
+    """``model=hf`` leaves ``model.name_or_path`` unset and ``model.name: ${.name_or_path}`` cannot
+    resolve: one line naming the key, exit 2 (it was a traceback and exit 1), no run dir."""
+    prog = "calibrl-train" if module == "calibrl.train" else "calibrl-eval"
+    line = _one_line(_cli(module, *args, f"hydra.run.dir={tmp_path / 'x'}"))
+    assert line == (f"{prog}: model.name_or_path is not set (model.name refers to it); set it on the command "
+                    "line, e.g. model.name_or_path=...")
+    assert not (tmp_path / "x").exists()
+
+
+def test_new_key_in_an_open_mapping_says_to_add_it_with_plus():
+    """``reward.weights`` is a mapping: a component it does not list yet is added with ``+``, and
+    the message says so instead of calling a real component unknown."""
+    message = config_error_message(["model=tiny", "reward.weights.spherical_score=0.5"])
+    assert message == ("reward.weights has no key 'spherical_score' yet; add one with a leading '+': "
+                       "+reward.weights.spherical_score=<value>. Keys under 'reward.weights' now: "
+                       "brier, correctness, format")
+    assert config_error_message(["model=tiny", "+reward.weights.spherical_score=0.5"]) is None
+
+
+def test_a_shared_part_is_not_an_option():
+    """``experiment/paper/_common.yaml`` is included by the paper's experiments; chosen on its own it
+    ran silently as experiment ``default``."""
+    assert config_error_message(["experiment=paper/_common"]) == (
+        "experiment option 'paper/_common' is a shared part of other options (its name starts with '_'), "
+        "not one to choose")
+    assert config_error_message(["experiment=paper/hotpotqa_rlcr"]) is None
+    assert config_error_message(["prompt.system=_not_a_group_option"]) is None  # a value, not an option

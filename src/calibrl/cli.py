@@ -31,7 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from calibrl.config import ConfigError, register_schema
 
-__all__ = ["CONF_DIR", "VERSION_BASE", "config_error_message", "console_script", "run_cli", "strip_launcher_flags"]
+__all__ = [
+    "CONF_DIR", "VERSION_BASE", "check_resolvable", "config_error_message", "console_script", "run_cli",
+    "strip_launcher_flags",
+]
 
 CONF_DIR = Path(os.environ.get("CALIBRL_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 VERSION_BASE = "1.3"
@@ -105,6 +108,7 @@ def run_cli(prog: str, config_name: str, job: Callable[[DictConfig, Path], None]
         # log with lines in it) is never removed.
         disposable = hc.mode == RunMode.RUN and _holds_only_hydra_files(run_dir, hc, empty_log=True)
         try:
+            check_resolvable(cfg)
             job(cfg, run_dir)
         except (ConfigError, FileNotFoundError) as err:
             if disposable and _holds_only_hydra_files(run_dir, hc, empty_log=False):
@@ -112,6 +116,33 @@ def run_cli(prog: str, config_name: str, job: Callable[[DictConfig, Path], None]
             _refuse(prog, str(err))
 
     hydra.main(version_base=VERSION_BASE, config_path=str(CONF_DIR), config_name=config_name)(task)()
+
+
+def check_resolvable(cfg: DictConfig) -> None:
+    """Resolve every value of ``cfg`` once, before any work, so that an unset required value or a
+    broken interpolation is a configuration error rather than a traceback mid-run.
+
+    Raises:
+        ConfigError: a value cannot be resolved; for an interpolation to an unset key
+            (``model=hf`` without ``model.name_or_path``: ``name: ${.name_or_path}``) the message
+            names the key to set.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        m = re.search(r"interpolation '\$\{(\.*)([\w.]+)\}'", str(err))
+        if m:  # a relative (``${.x}``) or absolute (``${a.x}``) reference
+            dots, target = m.groups()
+            base = key.split(".")[: -len(dots)] if dots else []
+            ref = ".".join([*base, target])
+            if OmegaConf.select(cfg, ref, default=None, throw_on_missing=False) is None:
+                raise ConfigError(f"{ref} is not set ({key} refers to it); set it on the command line, "
+                                  f"e.g. {ref}=...") from err
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{key}: {first}") from err
 
 
 def _refuse(prog: str, message: str) -> NoReturn:
@@ -166,7 +197,8 @@ def config_error_message(argv: list[str], config_name: str = "config") -> str | 
     when every override composes (or composing fails otherwise: Hydra reports that itself).
 
     With ``-m``/``--multirun`` every value of a sweep (``model=tiny,nope``) is checked.
-    ``hydra.*`` keys are left to Hydra.
+    ``hydra.*`` keys are left to Hydra. An option whose path has a part starting with ``_``
+    (``experiment=paper/_common``) is refused: such files are included by other options.
     """
     from hydra import compose, initialize_config_dir
 
@@ -174,6 +206,13 @@ def config_error_message(argv: list[str], config_name: str = "config") -> str | 
                  and not a.lstrip("+~").startswith("hydra.")]
     multirun = any(a in ("-m", "--multirun") for a in argv)
     probes = _sweep_probes(overrides) if multirun else [overrides]
+    for probe in probes:
+        for o in probe:
+            group, _, option = o.lstrip("+").partition("=")
+            is_group = (CONF_DIR / group.split("@")[0]).is_dir()
+            if is_group and any(part.startswith("_") for part in option.split("/")):
+                # `experiment/paper/_common.yaml`: a part other options include, not an option
+                return f"{group} option {option!r} is a shared part of other options (its name starts with '_'), not one to choose"
     with initialize_config_dir(str(CONF_DIR), version_base=VERSION_BASE):
         for probe in probes:
             try:
@@ -246,4 +285,7 @@ def _unknown_key_message(err: Exception, overrides: list[str], config_name: str)
     close = difflib.get_close_matches(leaf, keys, n=3)
     prefix = f"{parent}." if parent else ""
     hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    if parent and OmegaConf.get_type(node) is dict:  # an open mapping (reward.weights): new keys take a '+'
+        return (f"{parent} has no key {leaf!r} yet; add one with a leading '+': +{key}=<value>.{hint} "
+                f"Keys under '{parent}' now: {', '.join(keys)}")
     return f"unknown config key {key!r}.{hint} Valid keys under '{parent or '<root>'}': {', '.join(keys)}"

@@ -113,6 +113,13 @@ def test_hf_directory_and_cli_overrides_of_the_run_config(tiny_run, tmp_path):
     assert report["n_questions"] == 3 and report["n_samples"] == 2
     assert set(report["voting"]) == {"majority", "confidence_weighted", "best_of_n"}
     assert len(_records(out / "predictions.jsonl")) == 6
+    # Voting is its own printed table: the accuracy of a method sits in an `accuracy` column (it
+    # used to fill the signal table's `n` column as "acc 0.333").
+    assert "voting over the 2 samples of each question" in proc.stdout
+    acc = report["voting"]["majority"]["accuracy"]["value"]
+    assert any(line.split("│")[1].strip() == "majority" and line.split("│")[2].strip() == f"{acc:.3f}"
+               for line in proc.stdout.splitlines() if line.count("│") > 3)
+    assert "acc " not in proc.stdout
 
 
 def test_eval_json_is_strict_json(eval_out):

@@ -279,3 +279,19 @@ def test_unknown_save_dtype_is_one_config_error():
     with pytest.raises(ConfigError) as err:
         validate(_compose(["model=tiny", "debug=default", "trainer.save_dtype=float16"]))
     assert str(err.value) == "unknown trainer.save_dtype 'float16'; valid choices: bfloat16, float32"
+
+
+def test_unreachable_hub_data_is_a_config_error(tmp_path, monkeypatch):
+    """datasets raises ConnectionError for a hub id with no network (after its retries): a
+    configuration error naming the data and what to do, not a traceback."""
+    import calibrl.run.build as build_module
+    from calibrl.config import ConfigError
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'someone/some_set' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(build_module, "build_splits", offline)
+    with pytest.raises(ConfigError) as err:
+        run(_compose(["model=tiny", "debug=default"]), tmp_path / "r")
+    assert str(err.value) == ("data: Couldn't reach 'someone/some_set' on the Hub (LocalEntryNotFoundError) "
+                              "(no network here? point data.path at a local copy)")

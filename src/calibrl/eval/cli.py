@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from calibrl.cli import CONF_DIR, console_script
+from calibrl.cli import CONF_DIR, check_resolvable, console_script
 
 
 @console_script("calibrl-eval", config_name="eval")
@@ -25,6 +25,7 @@ def main(cfg: DictConfig, out_dir: Path) -> None:
     from calibrl.eval.job import resolve_checkpoint, run_eval_job, validate_eval_job
 
     cfg = resolve_checkpoint(cfg, CONF_DIR, list(HydraConfig.get().overrides.task))
+    check_resolvable(cfg)  # the checkpoint may have brought a preset with a value to set (checkpoint=hf)
     validate_eval_job(cfg)
     run_eval_job(cfg, out_dir)
 

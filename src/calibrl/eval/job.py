@@ -226,10 +226,14 @@ def _print_summary(results: dict[str, EvalResult]) -> None:
             table.add_column(c, justify="right")
         for signal, m in r["signals"].items():
             table.add_row(signal, str(m["n"]), *(fmt(m.get(c)) for c in cols))
-        for method, m in r.get("voting", {}).items():
-            table.add_row(f"vote: {method}", f"acc {m['accuracy']['value']:.3f}",
-                          *(fmt(m[c]) if c in m else "" for c in cols))
         console.print(table)
+        if r.get("voting"):  # one row per method: accuracy of the voted answer, its calibration
+            vt = Table(title=f"{name}: voting over the {r['n_samples']} samples of each question")
+            for c in ("method", "accuracy", *cols):
+                vt.add_column(c, justify="left" if c == "method" else "right")
+            for method, m in r["voting"].items():
+                vt.add_row(method, fmt(m["accuracy"]), *(fmt(m[c]) if c in m else "" for c in cols))
+            console.print(vt)
         for field_name, labels in r["slices"].items():
             st = Table(title=f"{name} by {field_name} (verbalized confidence)")
             for c in ("slice", "samples", "accuracy", "confidence_mean", "ece", "confident_error_rate"):
@@ -272,6 +276,8 @@ def run_eval_job(cfg: DictConfig, out_dir: Path) -> dict[str, EvalResult]:
             check_slice_fields(splits[name].eval, settings.slice_by, name)
         except (KeyError, ValueError) as err:  # a data mistake: bad task, file, field or size
             raise ConfigError(f"eval set {name!r}: {err.args[0]}") from err
+        except ConnectionError as err:  # a hub data set with no network
+            raise ConfigError(f"eval set {name!r}: {err} (no network here? point its path at a local copy)") from err
     try:
         model, tokenizer = load_policy(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed))
     except (OSError, ValueError) as err:  # e.g. an HF directory without tokenizer files

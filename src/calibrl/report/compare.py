@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="eval dataset, when runs evaluated several")
     parser.add_argument("--allow-partial", action="store_true",
                         help="admit runs without the --stage eval: curves and trade-off plot only")
-    parser.add_argument("--out", type=Path, default=Path("."), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: the current directory)")
     parser.add_argument("--stage", default="final", help="eval stage of the main table (final, sft, step<N>, ...)")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")

@@ -132,13 +132,16 @@ def _splits(cfg: DictConfig, settings: Config) -> DataSplits:
     """The data splits, with the eval set's ``eval.slice_by`` fields checked.
 
     Raises:
-        ConfigError: a data mistake (unknown task, unreadable file, missing field, bad size).
+        ConfigError: a data mistake (unknown task, unreadable file, missing field, bad size), or a
+            hub data set that cannot be reached.
     """
     try:
         splits = build_splits(**OmegaConf.to_container(cfg.data, resolve=True))
         check_slice_fields(splits.eval, settings.eval.slice_by, splits.name)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"data: {err.args[0]}") from err
+    except ConnectionError as err:  # a hub data set with no network (datasets raises it after retrying)
+        raise ConfigError(f"data: {err} (no network here? point data.path at a local copy)") from err
     log.info("data %s: %d train / %d eval examples", splits.name, len(splits.train), len(splits.eval))
     return splits
 
