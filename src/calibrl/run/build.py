@@ -37,7 +37,7 @@ from calibrl.run.checkpoint import CheckpointState
 from calibrl.run.guards import resume_state
 from calibrl.tracking import Tracker, redact
 
-__all__ = ["RunParts", "build", "make_optimizer", "make_scheduler", "place_policy", "run_tags"]
+__all__ = ["RunParts", "build", "keep_changed_config", "make_optimizer", "make_scheduler", "place_policy", "run_tags"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,35 @@ def _run_dir(run_dir: Path, settings: Config, info: DistInfo) -> tuple[Path, Che
     return run_dir, resume
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def keep_changed_config(run_dir: Path, resolved: dict[str, Any], rl_step: int) -> list[str]:
+    """Before a resumed run writes its ``config_resolved.yaml``: when the run's existing one
+    differs from ``resolved`` in anything but ``trainer.resume``, keep it as
+    ``config_resolved.before_resume_step<rl_step>.yaml`` (the metrics before the resume were made
+    with it) and log a warning naming the changed keys.
+
+    Returns:
+        The changed keys (dotted), sorted; empty when nothing but ``trainer.resume`` changed or the
+        run dir has no ``config_resolved.yaml``.
+    """
+    path = run_dir / "config_resolved.yaml"
+    if not path.is_file():
+        return []
+    old, new = _flat(OmegaConf.to_container(OmegaConf.load(path))), _flat(resolved)
+    changed = sorted(k for k in old.keys() | new.keys() if k != "trainer.resume" and old.get(k) != new.get(k))
+    if changed:
+        kept = run_dir / f"config_resolved.before_resume_step{rl_step}.yaml"
+        path.replace(kept)
+        log.warning("resumed with a changed config (%s); the config of the steps before is kept in %s",
+                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed), kept.name)
+    return changed
+
+
 def build(cfg: DictConfig, run_dir: Path) -> RunParts:
     """Build the parts of the run that ``cfg`` (a composed, validated main config) describes, in
     ``run_dir`` (see the module docstring for what is done, in which order).
@@ -198,6 +227,8 @@ def build(cfg: DictConfig, run_dir: Path) -> RunParts:
     # Credentials an interpolation put into the config (${oc.env:WANDB_API_KEY}) are never written.
     resolved = redact(OmegaConf.to_container(cfg, resolve=True))
     if info.is_main:
+        if resume is not None:
+            keep_changed_config(run_dir, resolved, resume.rl_step)
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
     splits = _splits(cfg, settings)
     reward_fn = RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))  # weights + verifier guard
