@@ -6,7 +6,7 @@
 - :func:`compose_config`, :func:`read_records`: the real training config and a run's metrics file.
 - :func:`tiny_spec`, :func:`hand_rollout`, :func:`make_trainer`: the tiny random Llama, a
   hand-made rollout and a GRPO trainer over it.
-- :func:`write_run_dir`, :class:`FakeWandbRun`, :class:`FakeWandbApi`: ``calibrl-compare`` input
+- :func:`write_run_dir`, :class:`FakeApiRun`, :class:`FakeWandbApi`: ``calibrl-compare`` input
   (run directories of arms ``a`` and ``b`` x seeds 0 and 1, :data:`RUN_EVALS`, with metrics worked
   out by hand) and the same runs behind a fake ``wandb.Api``.
 """
@@ -217,7 +217,7 @@ def write_run_dir(root: Path, arm: str, seed: int, *, brier: float = 0.5, finish
     return d
 
 
-class FakeWandbRun:
+class FakeApiRun:
     """A W&B run of (arm, seed) as ``wandb.Api().runs`` yields it, with :func:`run_records` as
     its history (SFT enabled, no raw-model eval)."""
 
@@ -241,9 +241,9 @@ class FakeWandbApi:
     """A ``wandb.Api`` stand-in whose ``runs`` returns the given runs and records each call in
     ``calls`` as ``(path, filters)``."""
 
-    def __init__(self, runs: list[FakeWandbRun]):
+    def __init__(self, runs: list[FakeApiRun]):
         self._runs, self.calls = runs, []
 
-    def runs(self, path: str, filters: dict | None = None) -> list[FakeWandbRun]:
+    def runs(self, path: str, filters: dict | None = None) -> list[FakeApiRun]:
         self.calls.append((path, filters))
         return self._runs

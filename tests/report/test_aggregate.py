@@ -10,7 +10,7 @@ import pytest
 
 from calibrl.report.aggregate import Band, compare, compare_best, eval_curves, group_runs, runs_table, train_curves
 from calibrl.report.load import CompareError, load_run, load_wandb_runs
-from helpers import RUN_EVALS, FakeWandbApi, FakeWandbRun, write_run_dir
+from helpers import RUN_EVALS, FakeWandbApi, FakeApiRun, write_run_dir
 
 
 def test_final_table_by_hand(arms):
@@ -130,7 +130,7 @@ def test_by_errors(tmp_path):
 
 
 def test_wandb_runs_give_the_local_numbers_without_intervals():
-    arms = group_runs(load_wandb_runs("ent/proj", "g1", api=FakeWandbApi([FakeWandbRun(a, s) for a, s in RUN_EVALS])))
+    arms = group_runs(load_wandb_runs("ent/proj", "g1", api=FakeWandbApi([FakeApiRun(a, s) for a, s in RUN_EVALS])))
     a, _ = compare(arms, n_resamples=50)
     # the logged scalars give the same numbers as the local predictions; no interval without them
     assert a["accuracy_mean"] == 0.75 and a["ece_mean"] == pytest.approx(0.3) and math.isnan(a["accuracy_ci_low"])

@@ -11,7 +11,7 @@ import wandb
 
 import calibrl.report.compare as compare_cli
 from calibrl.report.compare import main
-from helpers import RUN_EVALS, FakeWandbApi, FakeWandbRun, write_run_dir
+from helpers import RUN_EVALS, FakeWandbApi, FakeApiRun, write_run_dir
 
 
 def test_cli_writes_and_prints_the_tables(run_dirs, tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_wandb_without_network_or_key_is_a_one_line_error(monkeypatch, tmp_path,
 
 
 def test_wandb_report_with_and_without_wandb_workspaces(monkeypatch, tmp_path, capsys):
-    api = FakeWandbApi([FakeWandbRun(arm, seed) for arm, seed in RUN_EVALS])
+    api = FakeWandbApi([FakeApiRun(arm, seed) for arm, seed in RUN_EVALS])
     monkeypatch.setattr(wandb, "Api", lambda **_: api)
     monkeypatch.setattr(compare_cli, "write_comparison", lambda *a, **kw: {})  # outputs: tested in test_render
     argv = ["--wandb", "ent/proj", "--group", "g", "--out", str(tmp_path), "--n-bootstrap", "0", "--wandb-report"]
@@ -127,7 +127,7 @@ def test_wandb_report_with_and_without_wandb_workspaces(monkeypatch, tmp_path, c
 
 
 def test_wandb_report_refused_is_exit_2(monkeypatch, tmp_path, capsys):
-    api = FakeWandbApi([FakeWandbRun(arm, seed) for arm, seed in RUN_EVALS])
+    api = FakeWandbApi([FakeApiRun(arm, seed) for arm, seed in RUN_EVALS])
     monkeypatch.setattr(wandb, "Api", lambda **_: api)
     monkeypatch.setattr(compare_cli, "write_comparison", lambda *a, **kw: {})
 

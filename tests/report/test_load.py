@@ -9,7 +9,7 @@ import pytest
 import wandb
 
 from calibrl.report.load import CompareError, WandbUnavailable, load_run, load_wandb_runs, sample_metrics
-from helpers import P_B, P_D, RUN_EVALS, FakeWandbApi, FakeWandbRun, write_run_dir
+from helpers import P_B, P_D, RUN_EVALS, FakeWandbApi, FakeApiRun, write_run_dir
 
 
 def test_runs_are_read_with_their_stages(arms):
@@ -60,7 +60,7 @@ def test_an_unfinished_run_has_no_final_point(tmp_path):
 
 
 def test_wandb_adapter_reads_the_same_runs():
-    api = FakeWandbApi([FakeWandbRun(arm, seed) for arm, seed in RUN_EVALS])
+    api = FakeWandbApi([FakeApiRun(arm, seed) for arm, seed in RUN_EVALS])
     runs = load_wandb_runs("ent/proj", "g1", api=api)
     assert api.calls == [("ent/proj", {"group": "g1"})]
     a0, a1 = runs[:2]
@@ -73,7 +73,7 @@ def test_wandb_adapter_reads_the_same_runs():
 
 
 def test_wandb_unfinished_run_and_raw_stage():
-    run = FakeWandbRun("a", 0, finished=False)
+    run = FakeApiRun("a", 0, finished=False)
     run.config["eval"]["raw_model"] = True  # config says raw + sft, but only one eval before RL
     (r,) = load_wandb_runs("ent/proj", "g", api=FakeWandbApi([run]))
     assert not r.finished and [p.stage for p in r.evals] == ["step0", "step2"]

@@ -11,7 +11,7 @@ import pytest
 from calibrl.report.aggregate import compare, group_runs
 from calibrl.report.load import load_run, load_wandb_runs
 from calibrl.report.render import table_text, to_markdown, write_comparison
-from helpers import RUN_EVALS, FakeWandbApi, FakeWandbRun, write_run_dir
+from helpers import RUN_EVALS, FakeWandbApi, FakeApiRun, write_run_dir
 
 FILES = {"comparison.md", "comparison.csv", "comparison_best.md", "comparison_best.csv", "runs.csv", "curves.png",
          "tradeoff.png", "reliability_final.png", "report.html"}
@@ -66,7 +66,7 @@ def test_write_comparison_files_and_report(arms, tmp_path):
 
 
 def test_wandb_runs_have_no_reliability_diagram(tmp_path):
-    arms = group_runs(load_wandb_runs("ent/proj", "g1", api=FakeWandbApi([FakeWandbRun(a, s) for a, s in RUN_EVALS])))
+    arms = group_runs(load_wandb_runs("ent/proj", "g1", api=FakeWandbApi([FakeApiRun(a, s) for a, s in RUN_EVALS])))
     written = write_comparison(arms, tmp_path / "w", n_resamples=0, source="W&B ent/proj, group g1")
     assert set(written) == FILES - {"reliability_final.png"}
     html = written["report.html"].read_text()
