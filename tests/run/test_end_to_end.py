@@ -71,8 +71,14 @@ def test_tiny_run_writes_metrics_checkpoint_and_wandb(tiny_run):
     assert resolved.model.kind == "tiny" and "${" not in (run_dir / "config_resolved.yaml").read_text()
     preds = _records(run_dir / "eval_final.jsonl")
     assert len(preds) == 8 and {"id", "completion", "confidence", "correct", "format_ok"} <= set(preds[0])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    def no_nan(token):
+        raise AssertionError(f"summary.json is not strict JSON: {token}")
+
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=no_nan)
     assert summary["final"]["accuracy"] == results["final"]["accuracy"]
+    # The tiny model never writes a confidence: its overconfidence is undefined, NaN in memory,
+    # null on disk.
+    assert math.isnan(results["final"]["overconfidence"]) and summary["final"]["overconfidence"] is None
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

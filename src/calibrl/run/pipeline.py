@@ -11,7 +11,8 @@ Files in the run directory: ``config_resolved.yaml``, ``metrics.jsonl`` (one JSO
 log call, flushed each time), ``eval_<stage>.jsonl`` (per-sample predictions) and
 ``eval_<stage>.json`` (the eval report with bootstrap CIs, see :mod:`calibrl.eval.evaluator`) for
 the stages ``raw``, ``sft`` (or ``start``), ``step<i>`` (every ``trainer.eval_every`` RL steps) and
-``final``, ``summary.json`` (stage -> eval scalars, the before/after table),
+``final``, ``summary.json`` (stage -> eval scalars, the before/after table; strict JSON, undefined
+values ``null``),
 ``checkpoint/`` (final HF model and tokenizer, weights in ``trainer.save_dtype``), ``wandb/``
 (offline run), ``checkpoints/step*/`` (resumable checkpoints every ``trainer.save_every`` RL steps,
 :mod:`calibrl.run.checkpoint`; ``trainer.resume=auto|<path>`` continues from one).
@@ -29,12 +30,12 @@ stops with ``128 + SIGTERM`` (:mod:`calibrl.run.guards`).
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from calibrl.eval.evaluator import report_json
 from calibrl.run import stages
 from calibrl.run.build import RunParts, build, run_tags
 from calibrl.run.guards import EXIT_NON_FINITE, RunStopped, SignalFlag
@@ -113,7 +114,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
         wandb_dir = parts.tracker.wandb_dir
         parts.tracker.close(exit_code)
         if parts.dist.is_main:
-            (parts.run_dir / "summary.json").write_text(json.dumps(state.results, indent=2))
+            (parts.run_dir / "summary.json").write_text(report_json(state.results))  # strict JSON: NaN -> null
     if parts.dist.is_main:
         _print_report(parts, state.results, wandb_dir)
     return state.results
