@@ -122,6 +122,17 @@ class ObjectiveConfig:
     """``objective``: how reward components become advantages (:mod:`calibrl.objectives`)."""
 
     combine: str = "sum"  # a name in calibrl.objectives.COMBINERS: sum | normalize_then_sum | segment
+    # How the calibration objective reaches the confidence tokens (calibrl.rl.calibration.CALIBRATION_PATHS):
+    # reward (the scoring rules in the combined GRPO reward, RLCR) | expected (exact expected score over
+    # the confidence grid) | branch (K sampled confidences per rollout, leave-one-out baseline).
+    calibration: str = "reward"
+    # What the confidence is scored against (calibrl.objectives.TARGETS), expected and branch only:
+    # correct | group_accuracy | loo_agreement | answer_prob.
+    target: str = "correct"
+    gamma: float = 1.0  # target mix gamma * correct + (1 - gamma) * target, in [0, 1] (1: correctness only)
+    branches: int = 4  # branch: K confidence continuations per rollout (>= 2)
+    branch_max_new_tokens: int = 12  # branch: token cap of a confidence continuation
+    grid_step: Optional[float] = None  # confidence grid spacing (two decimals); null: trainer.sft.confidence.grid_step
 
 
 @dataclass
@@ -170,6 +181,23 @@ class SFTConfig:
     confidence: ConfidencePolicyConfig = field(default_factory=ConfidencePolicyConfig)
 
 
+@dataclass
+class SelfLabelConfig:
+    """``trainer.self_label``: the self-labelled confidence warm-up after the format SFT
+    (:mod:`calibrl.rl.self_label`): the model's own greedy completions, their confidence relabelled
+    from the model's own signal, fine-tuned on the confidence tokens."""
+
+    enabled: bool = False
+    num_examples: int = 600  # training questions answered greedily (taken after the SFT demonstrations)
+    fit_fraction: float = 0.5  # share of them the signal -> accuracy map is fitted on (never trained on), in (0, 1)
+    signal: str = "answer_prob"  # answer_prob | agreement (calibrl.rl.self_label.LABEL_SIGNALS)
+    n_samples: int = 4  # agreement: sampled answers per question
+    loss_on: str = "confidence"  # confidence (value tokens only) | completion (the whole completion)
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 5e-5
+
+
 #: Choices of ``trainer.save_dtype``: the dtype of the final HF checkpoint's weights.
 SAVE_DTYPES = ("float32", "bfloat16")
 
@@ -206,6 +234,7 @@ class TrainerConfig:
     max_bad_steps_in_row: int = 3
     min_generation_batch: int = 1  # out of memory, rollouts are generated in halves down to this many prompts per call
     sft: SFTConfig = field(default_factory=SFTConfig)
+    self_label: SelfLabelConfig = field(default_factory=SelfLabelConfig)
 
 
 @dataclass
@@ -232,6 +261,9 @@ class EvalConfig:
     # calibrl.data.example.Example.fields (num_terms, task, ...).
     slice_by: list[str] = field(default_factory=lambda: ["slice"])
     raw_model: bool = False  # main job only: also evaluate the raw model before the SFT warm-up
+    # Expected stated confidence sum_v p(v) v over the grid 0, step, ..., 1 (two decimals) at the
+    # confidence tag (calibrl.rl.confidence_grid); null: not computed.
+    grid_step: Optional[float] = 0.05
 
 
 @dataclass

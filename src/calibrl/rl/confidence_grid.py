@@ -1,0 +1,202 @@
+"""The stated-confidence distribution over a grid, computed exactly by teacher forcing.
+
+The tags format writes a confidence as a two-decimal number, ``<confidence>0.25</confidence>``
+(the SFT warm-up writes ``{q:.2f}`` on the grid ``trainer.sft.confidence.grid_step``). Given a
+completion up to and including its ``<confidence>`` tag (the *context*), the model puts a
+probability on every way to go on; the *grid* is the set of candidate strings
+
+    ``f"{v:.2f}</confidence>"`` for ``v`` in ``0, step, 2 step, ..., 1``
+
+and ``log P(v | context)`` is the sum of the candidate's token log-probs, teacher forced: every
+candidate is run on top of the context's KV cache (the context goes through the model once per
+completion, :func:`calibrl.rl.rollout.completion_logprobs` with the context as the prompt and the
+V candidates as its group). Renormalised over the grid, these give ``p(v)`` [M, V], the model's
+distribution over the confidences it could state, and
+
+- the *expected stated confidence* ``sum_v p(v) v``, a readout that moves before the greedy mode
+  does (ConfTuner, arXiv:2508.18847, reads the confidence distribution the same way);
+- the exact *expected score* of a proper scoring rule under ``p`` (:mod:`calibrl.objectives.expected`),
+  the calibration loss of ``objective.calibration=expected``.
+
+Mass the model puts outside the grid (another number of decimals, a malformed value) is not in
+``p``: the renormalisation conditions on writing a grid value. The format reward keeps that mass
+small.
+
+Costs: V candidates of ``len(tokens("0.25</confidence>"))`` tokens each (8 for SmolLM2: digits are
+single tokens) per completion, on top of one context forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from calibrl.data.format import CompletionFormat
+from calibrl.rewards.parsing import ParsedCompletion, parse_confidence
+from calibrl.rewards.spans import token_char_ends
+from calibrl.rl.rollout import Rollout, completion_logprobs
+
+__all__ = [
+    "ConfidenceGrid",
+    "confidence_contexts",
+    "expected_confidence",
+    "grid_distribution",
+    "grid_logprobs",
+]
+
+# A grid value is written with two decimals, so the step must be a whole number of hundredths.
+_DECIMALS = 2
+
+
+class ConfidenceGrid:
+    """The confidence values ``0, step, ..., 1`` and their candidate strings.
+
+    Args:
+        step: grid spacing, in (0, 1], a whole number of hundredths (two decimals, as the SFT
+            warm-up writes) that divides 1 (e.g. 0.05: 21 values; 0.1: 11; 0.01: 101).
+        close_tag: the closing confidence tag written after each value (``"</confidence>"``).
+
+    Attributes:
+        values: float64 ``[V]``, the grid, ascending, ``values[0] == 0``, ``values[-1] == 1``.
+        strings: ``V`` candidate strings, ``f"{v:.2f}{close_tag}"``.
+
+    Raises:
+        ValueError: ``step`` is not finite, not in (0, 1], not a whole number of hundredths, or
+            does not divide 1; or a written value does not read back (through
+            :func:`calibrl.rewards.parsing.parse_confidence`) as itself.
+    """
+
+    def __init__(self, step: float, close_tag: str = "</confidence>") -> None:
+        if not isinstance(step, (int, float)) or not math.isfinite(step) or not 0 < step <= 1:
+            raise ValueError(f"confidence grid step must be in (0, 1], got {step!r}")
+        hundredths = round(step * 10**_DECIMALS)
+        if abs(hundredths - step * 10**_DECIMALS) > 1e-6:
+            raise ValueError(
+                f"confidence grid step {step!r} cannot be written with {_DECIMALS} decimals, the confidence "
+                "format the prompt and SFT warm-up teach (e.g. 0.05, 0.1)"
+            )
+        if 10**_DECIMALS % hundredths:
+            raise ValueError(f"confidence grid step {step!r} does not divide 1 (e.g. 0.05, 0.1, 0.25)")
+        n = 10**_DECIMALS // hundredths
+        self.step = hundredths / 10**_DECIMALS
+        self.values = torch.arange(n + 1, dtype=torch.float64) * hundredths / 10**_DECIMALS
+        self.strings = [f"{v:.{_DECIMALS}f}{close_tag}" for v in self.values.tolist()]
+        for v in self.values.tolist():
+            q, reason = parse_confidence(f"{v:.{_DECIMALS}f}")
+            if q is None or abs(q - v) > 1e-12:
+                raise ValueError(f"confidence grid value {v:.{_DECIMALS}f} does not read back: {reason}")
+        self.close_tag = close_tag
+
+    def __len__(self) -> int:
+        return len(self.strings)
+
+    def token_ids(self, tokenizer: Any) -> list[list[int]]:
+        """Token ids of each candidate string, tokenized on its own (no special tokens)."""
+        return [tokenizer(s, add_special_tokens=False).input_ids for s in self.strings]
+
+    @classmethod
+    def for_format(cls, step: float, fmt: CompletionFormat) -> "ConfidenceGrid":
+        """The grid for a completion format's confidence tag."""
+        return cls(step, f"</{fmt.confidence}>")
+
+
+def confidence_contexts(
+    tokenizer: Any, rollout: Rollout, parsed: Sequence[ParsedCompletion], fmt: CompletionFormat
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which completions have a confidence to teacher-force a grid at, and where.
+
+    A row qualifies when it is well formed (``format_ok``: its confidence parsed) and a token
+    boundary falls exactly where the confidence text starts (right after ``<confidence>``); the
+    context is then its completion tokens ``[:k]``.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        rollout: N completions (on the CPU).
+        parsed: their parses, ``N``.
+        fmt: the completion format (tag names).
+
+    Returns:
+        ``(rows, ends)``: LongTensors ``[M]``, the qualifying rows and their context lengths k in
+        completion tokens (``0 < k <= L``).
+
+    Raises:
+        ValueError: ``parsed`` and ``rollout`` differ in length.
+    """
+    if len(parsed) != len(rollout):
+        raise ValueError(f"{len(parsed)} parses for {len(rollout)} completions")
+    rows, ends = [], []
+    for i, p in enumerate(parsed):
+        if not p.format_ok or p.confidence_span is None:
+            continue
+        n = int(rollout.completion_mask[i].sum())
+        char_ends = token_char_ends(tokenizer, rollout.completion_ids[i, :n].tolist())
+        start = p.confidence_span[0]
+        k = next((j + 1 for j, e in enumerate(char_ends) if e >= start), None)
+        if k is None or char_ends[k - 1] != start or k >= n:
+            continue  # a token straddles the tag's end: no clean context
+        rows.append(i)
+        ends.append(k)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
+
+
+def _grid_rollout(rollout: Rollout, rows: torch.Tensor, ends: torch.Tensor, candidates: list[list[int]],
+                  pad_id: int) -> Rollout:
+    """A rollout whose prompts are the M contexts (prompt + completion[:k], left-padded) and whose
+    groups are the V candidates of each: ``M * V`` rows, group ``m`` = context ``m``."""
+    m, v = len(rows), len(candidates)
+    ctx = []
+    for i, k in zip(rows.tolist(), ends.tolist()):
+        prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
+        ctx.append(torch.cat([prompt, rollout.completion_ids[i, :k]]))
+    p = max(len(c) for c in ctx)
+    prompt_ids = torch.full((m, p), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((m, p), dtype=torch.long)
+    for j, c in enumerate(ctx):
+        prompt_ids[j, p - len(c):], prompt_mask[j, p - len(c):] = c, 1
+    width = max(len(c) for c in candidates)
+    cand_ids = torch.full((v, width), pad_id, dtype=torch.long)
+    cand_mask = torch.zeros((v, width), dtype=torch.long)
+    for j, c in enumerate(candidates):
+        cand_ids[j, : len(c)], cand_mask[j, : len(c)] = torch.tensor(c), 1
+    return Rollout(
+        prompt_ids.repeat_interleave(v, dim=0), prompt_mask.repeat_interleave(v, dim=0),
+        cand_ids.repeat(m, 1), cand_mask.repeat(m, 1), [""] * (m * v),
+        torch.arange(m).repeat_interleave(v),
+    )
+
+
+def grid_logprobs(model: Any, rollout: Rollout, rows: torch.Tensor, ends: torch.Tensor,
+                  candidates: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Sequence log-probs of every grid candidate after each context, teacher forced.
+
+    Args:
+        model: the causal LM (gradients flow when enabled by the caller).
+        rollout: the completions (CPU).
+        rows, ends: ``[M]`` from :func:`confidence_contexts`.
+        candidates: ``V`` token-id lists (:meth:`ConfidenceGrid.token_ids`).
+        pad_id: the tokenizer's pad id.
+
+    Returns:
+        float32 ``[M, V]``, ``log P(candidate v | context m)`` in nats (each <= 0), on the model's
+        device; ``[0, V]`` when M is 0.
+    """
+    if len(rows) == 0:
+        return torch.zeros((0, len(candidates)))
+    grid = _grid_rollout(rollout, rows, ends, candidates, pad_id)
+    lp = completion_logprobs(model, grid, share_prefix=True)  # [M*V, W]
+    return lp.sum(dim=1).view(len(rows), len(candidates))
+
+
+def grid_distribution(seq_logprobs: torch.Tensor) -> torch.Tensor:
+    """``p(v)`` [M, V]: ``softmax`` of the candidates' sequence log-probs over the grid (rows sum
+    to 1)."""
+    return torch.softmax(seq_logprobs.float(), dim=-1)
+
+
+def expected_confidence(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Expected stated confidence ``sum_v p(v) v``: float ``[M]`` in [0, 1] from ``probs`` [M, V]
+    and the grid ``values`` [V]."""
+    return probs @ values.to(probs.dtype).to(probs.device)
