@@ -313,6 +313,7 @@ class EvalJobConfig:
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_sets: dict[str, DataConfig] = field(default_factory=dict)  # out-of-domain sets
+    in_domain: bool = True  # also evaluate the in-domain set `data` (false: only the eval_sets)
     checkpoint: Optional[str] = None  # run directory | HF model directory | model preset | None
     use_run_config: bool = True
     bf16: bool = True  # bf16 autocast in generation and the confidence signals' forward

@@ -134,7 +134,13 @@ def _replace(cfg: DictConfig, key: str, value: Any) -> None:
 
 
 def _eval_sets(cfg: DictConfig) -> dict[str, DictConfig]:
-    sets = {cfg.data.name: cfg.data}
+    """The sets to evaluate, by name: the in-domain ``data`` (unless ``in_domain=false``), then
+    ``eval_sets``.
+
+    Raises:
+        ConfigError: a name used twice, or nothing to evaluate.
+    """
+    sets = {cfg.data.name: cfg.data} if cfg.get("in_domain", True) else {}
     for key, node in cfg.eval_sets.items():
         if node.name in sets:
             raise ConfigError(
@@ -142,6 +148,8 @@ def _eval_sets(cfg: DictConfig) -> dict[str, DictConfig]:
                 f"eval_sets.{key}.name=<name>"
             )
         sets[node.name] = node
+    if not sets:
+        raise ConfigError("nothing to evaluate: in_domain=false and no eval_sets")
     return sets
 
 

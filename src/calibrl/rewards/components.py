@@ -83,6 +83,8 @@ class RewardComponent:
         kind: what the term rewards: ``"correctness"`` (a right answer), ``"scoring_rule"`` (a
             proper scoring rule of the stated confidence), ``"format"`` or ``"other"``. The weight
             of a correctness or scoring-rule term must be ``>= 0`` (:data:`NONNEGATIVE_KINDS`).
+        rule: for a scoring-rule term, the name of its rule in
+            :data:`calibrl.rewards.scoring_rules.SCORING_RULES` (``None`` otherwise).
     """
 
     fn: Callable[[ParsedCompletion, bool], float]
@@ -90,6 +92,7 @@ class RewardComponent:
     high: float
     on_format_failure: float
     kind: str = "other"
+    rule: str | None = None
 
 
 #: Component kind -> why a negative weight on it is refused. A proper scoring rule is maximised in
@@ -128,7 +131,7 @@ def _scoring_rule_component(rule_name: str) -> RewardComponent:
         assert parsed.confidence is not None  # only called on well-formed completions
         return float(rule.fn(np.array([parsed.confidence]), np.array([1.0 if correct else 0.0]))[0])
 
-    return RewardComponent(fn, rule.low, rule.high, rule.low, kind="scoring_rule")
+    return RewardComponent(fn, rule.low, rule.high, rule.low, kind="scoring_rule", rule=rule_name)
 
 
 COMPONENTS.register("correctness")(RewardComponent(_correctness, 0.0, 1.0, 0.0, kind="correctness"))

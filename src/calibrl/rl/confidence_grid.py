@@ -42,6 +42,7 @@ from calibrl.rl.rollout import Rollout, completion_logprobs
 __all__ = [
     "ConfidenceGrid",
     "confidence_contexts",
+    "context_ids",
     "expected_confidence",
     "grid_distribution",
     "grid_logprobs",
@@ -142,20 +143,27 @@ def confidence_contexts(
     return torch.tensor(rows, dtype=torch.long), torch.tensor(ends, dtype=torch.long)
 
 
-def _grid_rollout(rollout: Rollout, rows: torch.Tensor, ends: torch.Tensor, candidates: list[list[int]],
-                  pad_id: int) -> Rollout:
-    """A rollout whose prompts are the M contexts (prompt + completion[:k], left-padded) and whose
-    groups are the V candidates of each: ``M * V`` rows, group ``m`` = context ``m``."""
-    m, v = len(rows), len(candidates)
+def context_ids(rollout: Rollout, rows: torch.Tensor, ends: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The M contexts ``prompt + completion[:k]`` of ``rows``/``ends``
+    (:func:`confidence_contexts`), left-padded: ``(ids, mask)``, LongTensors ``[M, P']``."""
     ctx = []
     for i, k in zip(rows.tolist(), ends.tolist()):
         prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
         ctx.append(torch.cat([prompt, rollout.completion_ids[i, :k]]))
     p = max(len(c) for c in ctx)
-    prompt_ids = torch.full((m, p), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((m, p), dtype=torch.long)
+    ids = torch.full((len(ctx), p), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ctx), p), dtype=torch.long)
     for j, c in enumerate(ctx):
-        prompt_ids[j, p - len(c):], prompt_mask[j, p - len(c):] = c, 1
+        ids[j, p - len(c):], mask[j, p - len(c):] = c, 1
+    return ids, mask
+
+
+def _grid_rollout(rollout: Rollout, rows: torch.Tensor, ends: torch.Tensor, candidates: list[list[int]],
+                  pad_id: int) -> Rollout:
+    """A rollout whose prompts are the M contexts and whose groups are the V candidates of each:
+    ``M * V`` rows, group ``m`` = context ``m``."""
+    m, v = len(rows), len(candidates)
+    prompt_ids, prompt_mask = context_ids(rollout, rows, ends, pad_id)
     width = max(len(c) for c in candidates)
     cand_ids = torch.full((v, width), pad_id, dtype=torch.long)
     cand_mask = torch.zeros((v, width), dtype=torch.long)
@@ -169,7 +177,7 @@ def _grid_rollout(rollout: Rollout, rows: torch.Tensor, ends: torch.Tensor, cand
 
 
 def grid_logprobs(model: Any, rollout: Rollout, rows: torch.Tensor, ends: torch.Tensor,
-                  candidates: list[list[int]], pad_id: int) -> torch.Tensor:
+                  candidates: list[list[int]], pad_id: int, share_prefix: bool = True) -> torch.Tensor:
     """Sequence log-probs of every grid candidate after each context, teacher forced.
 
     Args:
@@ -178,6 +186,8 @@ def grid_logprobs(model: Any, rollout: Rollout, rows: torch.Tensor, ends: torch.
         rows, ends: ``[M]`` from :func:`confidence_contexts`.
         candidates: ``V`` token-id lists (:meth:`ConfidenceGrid.token_ids`).
         pad_id: the tokenizer's pad id.
+        share_prefix: run each context once and the candidates on its KV cache (else V full
+            forwards per context: for models whose cache is off, e.g. under gradient checkpointing).
 
     Returns:
         float32 ``[M, V]``, ``log P(candidate v | context m)`` in nats (each <= 0), on the model's
@@ -186,7 +196,7 @@ def grid_logprobs(model: Any, rollout: Rollout, rows: torch.Tensor, ends: torch.
     if len(rows) == 0:
         return torch.zeros((0, len(candidates)))
     grid = _grid_rollout(rollout, rows, ends, candidates, pad_id)
-    lp = completion_logprobs(model, grid, share_prefix=True)  # [M*V, W]
+    lp = completion_logprobs(model, grid, share_prefix=share_prefix)  # [M*V, W]
     return lp.sum(dim=1).view(len(rows), len(candidates))
 
 

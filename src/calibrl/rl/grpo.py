@@ -91,6 +91,7 @@ from calibrl.distributed import DistInfo, all_reduce_sum, gather_objects
 from calibrl.metrics import abstention_metrics, calibration_summary
 from calibrl.objectives import COMBINERS, segment_ids
 from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, reward_metrics
+from calibrl.rl.calibration import CALIBRATION_PATHS, CalibrationBatch
 from calibrl.rl.engine import Engine
 from calibrl.rl.loss import clipped_policy_loss
 from calibrl.rl.rollout import Rollout, SamplingCopy, completion_logprobs, generate_rollout
@@ -146,6 +147,8 @@ class GRPOTrainer:
         objective: the ``objective`` settings: the combiner's name (:class:`calibrl.config.ObjectiveConfig`).
         reference: frozen reference model, required when ``algo.beta > 0``.
         seed: seed of the prompt stream (the same on every rank).
+        grid_step: the confidence grid's step (:mod:`calibrl.rl.confidence_grid`): the grid of the
+            ``expected`` path and of the ``train/expected_confidence/...`` readout.
         sampler: a :class:`calibrl.rl.rollout.SamplingCopy` that samples the rollouts (refreshed
             from the policy at every step, no autocast), or ``None``: the policy samples them under
             the ``bf16`` autocast setting.
@@ -174,6 +177,7 @@ class GRPOTrainer:
         seed: int = 0,
         dist: DistInfo = DistInfo(),
         sampler: SamplingCopy | None = None,
+        grid_step: float = 0.05,
     ) -> None:
         if algo.group_size < 2:
             raise ValueError(f"algo.group_size must be >= 2, got {algo.group_size}")
@@ -194,6 +198,8 @@ class GRPOTrainer:
         self.bad_steps_in_row = 0  # consecutive RL steps with a skipped optimizer step
         self.oom_retries = 0  # generate calls of the current step split after running out of memory
         self.autocast_dtype = torch.bfloat16 if trainer.bf16 else None
+        self.calibration = CALIBRATION_PATHS.get(objective.calibration)(self, grid_step)
+        self.calibration_loss = 0.0  # this rank's calibration-path loss of the last update
 
     def state_dict(self) -> dict[str, int]:
         """The trainer's own resumable state (the engine saves the model and optimizer):
@@ -281,12 +287,17 @@ class GRPOTrainer:
         by_length = torch.sort(ends, descending=True, stable=True).indices
         return by_length if tokens(by_length) < tokens(given) else given
 
-    def advantages(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch) -> torch.Tensor:
+    def advantages(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch,
+                   cal: CalibrationBatch | None = None) -> torch.Tensor:
         """Token advantages from the reward components (step 4), float ``[B*G, L]``, exactly 0 on
         padding; the objective combiner ``objective.combine`` decides how (see
         :mod:`calibrl.objectives`). Token segments are computed only for a combiner that declares
-        ``needs_segments``."""
+        ``needs_segments``. Under a calibration path that replaces the reward
+        (:mod:`calibrl.rl.calibration`), the scoring-rule components leave the combiner's input and
+        the advantage is 0 on the confidence tokens of ``cal``'s rows (from each context's end)."""
         names = list(rewards.components)
+        if self.calibration.replaces_reward:
+            names = [k for k in names if self.reward_fn.components[k].kind != "scoring_rule"]
         r = torch.as_tensor(np.stack([rewards.components[k] for k in names], axis=1), dtype=torch.float32)
         w = torch.tensor([self.reward_fn.weights[k] for k in names], dtype=torch.float32)
         combiner = COMBINERS.get(self.objective.combine)
@@ -295,8 +306,12 @@ class GRPOTrainer:
                                    parsed, self.prompts.fmt.answer)
         else:
             segments = rollout.completion_mask.long() - 1  # one segment: the combiner ignores boundaries
-        return combiner(r, names, w, rollout.group_index, segments, scale=self.algo.scale_rewards,
-                        std_floor=self.algo.std_floor)
+        adv = combiner(r, names, w, rollout.group_index, segments, scale=self.algo.scale_rewards,
+                       std_floor=self.algo.std_floor)
+        if self.calibration.replaces_reward and cal is not None:
+            for i, k in zip(cal.rows.tolist(), cal.ends.tolist()):
+                adv[i, k:] = 0.0  # the confidence tokens: this path's loss trains them
+        return adv
 
     def _loss_rows(self, rollout: Rollout, advantages: torch.Tensor) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """The rows the loss sees: ``(rollout, counted, nonzero)``, the rollout with truncated rows'
@@ -327,15 +342,19 @@ class GRPOTrainer:
 
     def _epoch(
         self, sub: Rollout, adv: torch.Tensor, old: list[torch.Tensor] | None, ref: list[torch.Tensor] | None,
-        n_tokens: float, n_seqs: float,
+        n_tokens: float, n_seqs: float, active: torch.Tensor | None = None, cal: CalibrationBatch | None = None,
+        n_contexts: float = 1.0,
     ) -> tuple[float, float, float, float]:
         """One pass over the micro-batches of ``sub`` (advantages ``adv``, old and reference
         log-probs per micro-batch) and one optimizer step: ``(loss, clipped tokens, k3-KL sum,
         grad norm)`` of this rank. A non-finite micro-batch loss (one process) skips its backward
-        and the step: gradients zeroed, loss and grad norm NaN."""
+        and the step: gradients zeroed, loss and grad norm NaN. With a calibration batch ``cal``,
+        the calibration path's loss of the micro-batch's rows (``active``: ``sub``'s rows in the
+        rollout) is added to the micro-batch's loss; its sum is kept in ``self.calibration_loss``."""
         a, world, mbs = self.algo, self.dist.world_size, self.trainer_cfg.micro_batch_size
         self.engine.zero_grad()
         loss_sum = clipped = kl_sum = 0.0
+        self.calibration_loss = 0.0
         for k, c in enumerate(slice(i, i + mbs) for i in range(0, len(sub), mbs)):
             mb = sub.select(c)
             logp = self._logprobs(self.policy, mb, grad=True)  # on the policy's device
@@ -345,6 +364,11 @@ class GRPOTrainer:
                 n_tokens=n_tokens, n_seqs=n_seqs, agg=a.loss_agg, max_len=a.max_new_tokens, beta=a.beta,
                 ref_logp=ref[k] if ref is not None else None,
             )
+            if cal is not None and active is not None:
+                aux = self.calibration.loss(cal, active[c], n_contexts)
+                if aux is not None:
+                    res = replace(res, loss=res.loss + aux.to(res.loss.device))
+                    self.calibration_loss += float(aux.detach())
             if not self.engine.collective and not torch.isfinite(res.loss):
                 # Its backward would only put NaN into every gradient: skip it and the step.
                 # (A collective engine must run every micro-batch; its step() raises instead.)
@@ -357,12 +381,14 @@ class GRPOTrainer:
             kl_sum += float(res.kl_sum)
         return loss_sum, clipped, kl_sum, self.engine.step()
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+    def update(self, rollout: Rollout, advantages: torch.Tensor, cal: CalibrationBatch | None = None) -> dict[str, float]:
         """Clipped policy-gradient update(s) on one rollout batch (steps 5-6).
 
         Args:
             rollout: ``B*G`` completions.
             advantages: float ``[B*G, L]`` per token (or ``[B*G]`` per completion).
+            cal: the step's calibration batch; under a path with a loss of its own, its rows run
+                forward even where their advantage is 0, and its loss joins theirs.
 
         Returns:
             ``loss``, ``clip_fraction``, ``grad_norm``, and ``kl`` (mean k3 estimate per
@@ -371,6 +397,10 @@ class GRPOTrainer:
         """
         a, mbs = self.algo, self.trainer_cfg.micro_batch_size
         rollout, counted, nonzero = self._loss_rows(rollout, advantages)
+        own_loss = cal is not None and self.calibration.replaces_reward
+        if own_loss:
+            nonzero = nonzero | torch.isin(torch.arange(len(rollout)), cal.rows)
+        (n_contexts,) = all_reduce_sum([float(len(cal.rows)) if own_loss else 0.0])
         mask = rollout.completion_mask
         n_tokens, n_seqs = all_reduce_sum([float(mask[counted].sum()), float(counted.sum())])  # global counts
         n_tokens, n_seqs = max(n_tokens, 1.0), max(n_seqs, 1.0)
@@ -386,13 +416,16 @@ class GRPOTrainer:
         self.policy.train()
         skipped = False
         for _ in range(a.ppo_epochs):
-            loss_sum, clipped, kl_sum, grad_norm = self._epoch(sub, adv, old, ref, n_tokens, n_seqs)
+            loss_sum, clipped, kl_sum, grad_norm = self._epoch(sub, adv, old, ref, n_tokens, n_seqs, active,
+                                                               cal if own_loss else None, max(n_contexts, 1.0))
             if not math.isfinite(grad_norm):
                 self.skipped_steps += 1
                 skipped = True
         self.bad_steps_in_row = self.bad_steps_in_row + 1 if skipped else 0
-        loss_sum, clipped, kl_sum = all_reduce_sum([loss_sum, clipped, kl_sum])
+        loss_sum, clipped, kl_sum, cal_loss = all_reduce_sum([loss_sum, clipped, kl_sum, self.calibration_loss])
         out.update(loss=loss_sum, clip_fraction=clipped / n_tokens, grad_norm=grad_norm)
+        if own_loss:
+            out["calibration_loss"] = cal_loss
         if a.beta > 0:
             out["kl"] = kl_sum / n_tokens
         return out
@@ -413,9 +446,10 @@ class GRPOTrainer:
         rollout = self.generate(examples)
         t1 = time.perf_counter()
         parsed, rewards = self.score(rollout, examples)
-        advantages = self.advantages(rollout, parsed, rewards)
+        cal = self.calibration.prepare(rollout, parsed, rewards, examples)
+        advantages = self.advantages(rollout, parsed, rewards, cal)
         t2 = time.perf_counter()
-        upd = self.update(rollout, advantages)
+        upd = self.update(rollout, advantages, cal)
         t3 = time.perf_counter()
         unanswerable = [e.unanswerable for e in examples for _ in range(self.algo.group_size)]
         # Metrics of the whole step's batch: every rank's rows gathered (exact means over all
@@ -431,8 +465,36 @@ class GRPOTrainer:
             "zero_adv_groups": _zero_adv_group_fraction(advantages, rollout.group_index) * len(examples),
             "adv_abs_sum": float(advantages.abs().sum()), "times": (t1 - t0, t2 - t1, t3 - t2),
             "oom_retries": self.oom_retries,
+            "expected_confidence": cal.expected_confidence, "calibration_score": cal.score,
+            "branch_q": cal.branch_q,
         })
         return self._metrics(parts, rewards, upd)
+
+    def _calibration_metrics(self, parts: list[dict[str, Any]], correct: np.ndarray) -> dict[str, float]:
+        """The grid readout and the calibration path's figures over every rank's rows:
+        ``train/expected_confidence/{confidence_mean, confidence_std, overconfidence, ece, brier,
+        auroc, coverage}`` (the expected stated confidence, over the rows with a context;
+        coverage: their share), and under ``expected``/``branch`` ``train/calibration_score``
+        (mean over all rows, the worst value where no context), under ``branch``
+        ``train/branch/{parse_rate, confidence_std_within}`` (share of branches whose confidence
+        parsed; mean over contexts of the std of its K parsed confidences)."""
+        exp_conf = np.concatenate([p["expected_confidence"] for p in parts])
+        ok = np.isfinite(exp_conf)
+        summary = calibration_summary(correct, np.where(ok, exp_conf, np.nan), ok)
+        keep = ("confidence_mean", "confidence_std", "overconfidence", "ece", "brier", "auroc")
+        out = {f"train/expected_confidence/{k}": summary[k] for k in keep}
+        out["train/expected_confidence/coverage"] = float(ok.mean())
+        if parts[0]["calibration_score"] is not None:
+            out["train/calibration_score"] = float(np.concatenate([p["calibration_score"] for p in parts]).mean())
+        qs = [p["branch_q"] for p in parts if p["branch_q"] is not None]
+        if self.objective.calibration == "branch":
+            q = np.concatenate(qs) if qs else np.zeros(0)
+            k = self.objective.branches
+            out["train/branch/parse_rate"] = float(np.isfinite(q).mean()) if q.size else float("nan")
+            rows = q.reshape(-1, k)
+            std = [float(np.std(r[np.isfinite(r)])) for r in rows if np.isfinite(r).sum() >= 2]
+            out["train/branch/confidence_std_within"] = float(np.mean(std)) if std else float("nan")
+        return out
 
     def _metrics(self, parts: list[dict[str, Any]], rewards: RewardBatch, upd: dict[str, float]) -> dict[str, float]:
         """The step's metrics from every rank's gathered record ``parts`` (rows group by group, so
@@ -448,6 +510,7 @@ class GRPOTrainer:
         metrics = reward_metrics(components, total)
         metrics |= {f"train/{k}": v for k, v in calibration_summary(correct, cat("confidence"), fmt_ok).items()}
         metrics |= {f"train/{k}": v for k, v in upd.items()}
+        metrics |= self._calibration_metrics(parts, correct)
         if self.prompts.fmt.abstain is not None or cat("unanswerable").any():
             # a group is G samples of one question, so over-abstention is defined every step
             abst = abstention_metrics(np.arange(total.size) // self.algo.group_size, cat("abstained"), correct, fmt_ok,

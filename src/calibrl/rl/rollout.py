@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from calibrl.device import autocast, module_device
 from calibrl.rl.decode import decode_groups
 
-__all__ = ["Rollout", "SamplingCopy", "concat_rollouts", "generate_rollout", "completion_logprobs", "is_out_of_memory"]
+__all__ = ["Rollout", "SamplingCopy", "concat_rollouts", "generate_rollout", "completion_logprobs", "is_out_of_memory",
+           "sample_from_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -270,14 +271,44 @@ def _generate_once(
     autocast_dtype: torch.dtype | None,
 ) -> Rollout:
     """One :func:`calibrl.rl.decode.decode_groups` call for every prompt (:func:`generate_rollout`)."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return sample_from_ids(model, tokenizer, enc.input_ids, enc.attention_mask, group_size,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           do_sample=do_sample, stop_string=stop_string, autocast_dtype=autocast_dtype)
+
+
+def sample_from_ids(
+    model: Any,
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    group_size: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    do_sample: bool,
+    stop_string: str | None,
+    autocast_dtype: torch.dtype | None,
+) -> Rollout:
+    """Sample ``group_size`` completions of each of B already tokenized prompts (one
+    :func:`calibrl.rl.decode.decode_groups` call, no out-of-memory retry).
+
+    Args:
+        input_ids, attention_mask: LongTensors ``[B, P]``, left-padded, on any device.
+        (the rest: :func:`generate_rollout`)
+
+    Returns:
+        A :class:`Rollout` of ``B * group_size`` rows on the CPU, group ``b`` = prompt ``b``.
+    """
     was_training = model.training
     model.eval()
     device = module_device(model)
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
     try:
         with autocast(device, autocast_dtype):
             completion_ids = decode_groups(
-                model, enc.input_ids.to(device), enc.attention_mask.to(device), group_size,
+                model, input_ids.to(device), attention_mask.to(device), group_size,
                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, do_sample=do_sample,
                 stop_strings=[stop_string] if stop_string else None, tokenizer=tokenizer,
@@ -291,12 +322,12 @@ def _generate_once(
         texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
     mask = _completion_mask(completion_ids, texts, end_ids, tokenizer.eos_token_id, stop_string)
     return Rollout(
-        prompt_ids=enc.input_ids.repeat_interleave(group_size, dim=0),
-        prompt_mask=enc.attention_mask.repeat_interleave(group_size, dim=0),
+        prompt_ids=input_ids.repeat_interleave(group_size, dim=0),
+        prompt_mask=attention_mask.repeat_interleave(group_size, dim=0),
         completion_ids=completion_ids,
         completion_mask=mask,
         texts=texts,
-        group_index=torch.arange(len(prompts)).repeat_interleave(group_size),
+        group_index=torch.arange(len(input_ids)).repeat_interleave(group_size),
         truncated=_truncated(completion_ids, texts, end_ids, stop_string, max_new_tokens),
     )
 

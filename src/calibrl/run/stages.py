@@ -37,6 +37,7 @@ from calibrl.config import rl_warmup_steps
 from calibrl.distributed import all_reduce_sum
 from calibrl.eval.evaluator import evaluate, report_json, write_predictions
 from calibrl.rl.engine import Engine, TorchEngine
+from calibrl.rl.calibration import resolve_grid_step
 from calibrl.rl.grpo import GRPOTrainer
 from calibrl.rl.rollout import SamplingCopy
 from calibrl.rl.sft import num_sft_steps, sft_warmup
@@ -206,6 +207,7 @@ def setup_rl(parts: RunParts, state: RunState) -> RL:
     trainer = GRPOTrainer(
         engine, parts.tokenizer, parts.prompts, parts.splits.train, parts.splits.is_correct, parts.reward_fn,
         a, t, s.objective, reference, seed=s.seed, dist=parts.dist, sampler=sampler,
+        grid_step=resolve_grid_step(s.objective.grid_step, t.sft.confidence.grid_step),
     )
     state.engine = engine
     resume = parts.resume

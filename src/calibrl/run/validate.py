@@ -36,6 +36,7 @@ def _resolve_names(cfg: DictConfig) -> None:
     from calibrl.eval.evaluator import check_eval_config
     from calibrl.objectives import COMBINERS, objective_of
     from calibrl.rewards import RewardFunction
+    from calibrl.rl.calibration import check_calibration_settings
     from calibrl.rl.loss import LOSS_AGG
 
     try:
@@ -49,6 +50,7 @@ def _resolve_names(cfg: DictConfig) -> None:
         if cfg.data.source == "hf":
             VERIFIERS.get(cfg.data.verifier)
         CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
+        check_calibration_settings(cfg)
         check_eval_config(OmegaConf.to_object(cfg.eval))
         if cfg.deepspeed.enabled:
             from calibrl.rl.deepspeed_engine import deepspeed_config

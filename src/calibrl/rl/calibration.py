@@ -1,0 +1,327 @@
+"""Calibration paths: how the calibration objective reaches the confidence tokens.
+
+``objective.calibration`` (registry :data:`CALIBRATION_PATHS`) picks one; the math is in
+:mod:`calibrl.objectives.calibration`. Every path also measures, each RL step, the model's
+confidence distribution over the grid (:mod:`calibrl.rl.confidence_grid`) at the confidence tag of
+every well-formed rollout, before the update, and logs the *expected stated confidence*
+``sum_v p(v) v`` with its calibration metrics (``train/expected_confidence/...``).
+
+``reward`` (default; RLCR, arXiv:2507.16806)
+    The scoring-rule components (``reward.weights.brier`` ...) are part of the GRPO reward; every
+    token, the confidence tokens included, gets the combiner's advantage. Nothing is added here.
+
+``expected`` (ConfTuner's tokenized Brier, arXiv:2508.18847)
+    The GRPO reward keeps only the non-calibration components (correctness, format,
+    abstention), and a well-formed rollout's GRPO advantage is removed from its *confidence
+    tokens* (from the first token after ``<confidence>`` to the end). Their training signal is
+    instead the loss ``L_cal = -(1/M) sum_m E_m``, ``E_m`` the exact expected score of the
+    scoring rules (weights from ``reward.weights``) under the grid distribution ``p_m`` against
+    the target ``t_m`` (:func:`calibrl.objectives.calibration.expected_score`), M the number of
+    well-formed rollouts of the step (all ranks). It is added to the policy loss of the
+    micro-batch that holds the rollout.
+
+``branch`` (the answer fixed, as Rewarding Doubt, arXiv:2503.02623)
+    The same GRPO reward and masking as ``expected``. For each well-formed rollout, K =
+    ``objective.branches`` confidence continuations are sampled from its context (temperature
+    ``algo.temperature``, at most ``objective.branch_max_new_tokens`` tokens, stopping at the
+    closing tag) and scored against its target; an unparseable branch scores the rule's worst
+    value. Branch k's advantage is ``w * (S_k - mean_{j != k} S_j)``
+    (:func:`calibrl.objectives.calibration.loo_advantages`, no std division), on its own tokens
+    only; their clipped policy loss, normalised by the step's branch tokens, is added to the
+    micro-batch's loss.
+
+Format failures: a rollout whose confidence is missing or unparseable has no context; it gets
+no calibration loss, keeps its GRPO advantage on every token (its format reward is lower, so its
+format part is negative on all of them), and its logged calibration score is the scoring rule's
+worst value, never better than any well-formed rollout's (``train/calibration_score``).
+
+Limits (refused at start-up, :func:`check_calibration_settings`): ``expected`` and ``branch`` run
+extra forwards whose count differs between ranks, so not under ZeRO-3 (whose forwards gather
+parameters collectively); ``branch`` needs ``algo.ppo_epochs == 1`` (its branches are on-policy
+samples of the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from calibrl.data.example import Example
+from calibrl.device import autocast, module_device
+from calibrl.distributed import all_reduce_sum
+from calibrl.objectives.calibration import TARGETS, calibration_target, expected_score, loo_advantages
+from calibrl.registry import Registry
+from calibrl.rewards import ParsedCompletion, RewardBatch
+from calibrl.rewards.parsing import parse_confidence
+from calibrl.rewards.scoring_rules import SCORING_RULES
+from calibrl.rewards.spans import span_tokens, token_char_ends
+from calibrl.rl.confidence_grid import (
+    ConfidenceGrid,
+    confidence_contexts,
+    context_ids,
+    expected_confidence,
+    grid_distribution,
+    grid_logprobs,
+)
+from calibrl.rl.loss import clipped_policy_loss
+from calibrl.rl.rollout import Rollout, completion_logprobs, sample_from_ids
+
+if TYPE_CHECKING:
+    from calibrl.rl.grpo import GRPOTrainer
+
+__all__ = ["CALIBRATION_PATHS", "CalibrationBatch", "CalibrationPath", "check_calibration_settings", "resolve_grid_step"]
+
+
+@dataclass
+class CalibrationBatch:
+    """What a calibration path prepared for one RL step's rollout (N rows).
+
+    Attributes:
+        rows: LongTensor ``[M]``, the rows with a confidence context (well formed).
+        ends: LongTensor ``[M]``, their context lengths in completion tokens.
+        target: float64 ``[M]`` in [0, 1], the probability each confidence is scored against.
+        branch: ``branch`` only: the ``M * K`` confidence continuations (group ``m`` = context m).
+        branch_adv: ``branch`` only: float ``[M * K]`` advantages.
+        branch_tokens: ``branch`` only: global count of branch tokens (loss normaliser).
+        expected_confidence: float64 ``[N]``, ``sum_v p(v) v`` before the update; NaN for rows
+            without a context.
+        score: float64 ``[N]`` (paths that replace the reward): the calibration score of each
+            rollout, the weighted expected score before the update (``expected``) or the mean
+            score of its branches (``branch``), the rules' worst value for rows without a
+            context; ``None`` for ``reward``.
+        branch_q: ``branch`` only: float64 ``[M * K]`` the branches' parsed confidences (NaN:
+            unparseable).
+        rollout: the step's rollout (the contexts' source).
+    """
+
+    rows: torch.Tensor
+    ends: torch.Tensor
+    target: np.ndarray
+    branch: Rollout | None = None
+    branch_adv: torch.Tensor | None = None
+    branch_tokens: float = 1.0
+    expected_confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    score: np.ndarray | None = None
+    branch_q: np.ndarray | None = None
+    rollout: Rollout | None = None
+
+
+def resolve_grid_step(objective_step: float | None, sft_step: float) -> float:
+    """The confidence grid's step: ``objective.grid_step``, or the SFT grid when that is null."""
+    return sft_step if objective_step is None else objective_step
+
+
+def check_calibration_settings(cfg: Any) -> None:
+    """Start-up checks of ``objective.calibration`` and its settings (a composed run config).
+
+    Raises:
+        KeyError: unknown path or target (the message lists the known ones).
+        ValueError: ``gamma`` outside [0, 1]; ``branches < 2``; ``branch_max_new_tokens < 1``; a grid
+            step that is not two decimals dividing 1, or that differs from the grid the SFT warm-up
+            teaches (``trainer.sft.confidence.grid_step``, when SFT is on); ``expected``/``branch``
+            without a scoring rule in ``reward.weights``, under ZeRO-3, or (``branch``) with
+            ``algo.ppo_epochs > 1``.
+    """
+    from calibrl.rewards.components import COMPONENTS
+
+    obj = cfg.objective
+    path = CALIBRATION_PATHS.get(obj.calibration)
+    target = TARGETS.get(obj.target)
+    if not (0.0 <= float(obj.gamma) <= 1.0):
+        raise ValueError(f"objective.gamma must be in [0, 1], got {obj.gamma}")
+    if obj.branches < 2:
+        raise ValueError(f"objective.branches must be >= 2 (a leave-one-out baseline needs K >= 2), got {obj.branches}")
+    if obj.branch_max_new_tokens < 1:
+        raise ValueError(f"objective.branch_max_new_tokens must be >= 1, got {obj.branch_max_new_tokens}")
+    sft_step = cfg.trainer.sft.confidence.grid_step
+    step = resolve_grid_step(obj.grid_step, sft_step)
+    try:
+        ConfidenceGrid(step)
+    except ValueError as err:
+        raise ValueError(f"objective.grid_step: {err}") from err
+    if obj.grid_step is not None and cfg.trainer.sft.enabled and abs(obj.grid_step - sft_step) > 1e-9:
+        raise ValueError(
+            f"objective.grid_step={obj.grid_step} does not match the confidence grid the SFT warm-up teaches "
+            f"(trainer.sft.confidence.grid_step={sft_step}); leave objective.grid_step null to use it"
+        )
+    if path is RewardPath:
+        if obj.target != "correct" or float(obj.gamma) != 1.0:
+            raise ValueError("objective.target and objective.gamma apply to objective.calibration=expected|branch; "
+                             "the reward path scores the sampled verdict")
+        return
+    rules = [k for k, w in cfg.reward.weights.items() if COMPONENTS.get(k).kind == "scoring_rule" and w > 0]
+    if not rules:
+        raise ValueError(f"objective.calibration={obj.calibration} needs a scoring rule with a positive weight in "
+                         "reward.weights (e.g. reward=rlcr: brier)")
+    if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
+        raise ValueError(f"objective.calibration={obj.calibration} is not supported under ZeRO-3 (its extra "
+                         "forwards differ between ranks); use deepspeed=zero1|zero2")
+    if path is BranchPath and cfg.algo.ppo_epochs != 1:
+        raise ValueError("objective.calibration=branch needs algo.ppo_epochs=1 (branches are on-policy samples)")
+    del target
+
+
+def _answer_probs(tokenizer: Any, rollout: Rollout, parsed: Sequence[ParsedCompletion], logp: torch.Tensor) -> np.ndarray:
+    """Answer-token probability of every row: ``exp(mean log p)`` over the tokens covering the
+    answer text (as :func:`calibrl.eval.signals.answer_probability`); NaN without an answer span."""
+    out = np.full(len(rollout), np.nan)
+    for i, p in enumerate(parsed):
+        if p.answer_span is None:
+            continue
+        n = int(rollout.completion_mask[i].sum())
+        toks = span_tokens(token_char_ends(tokenizer, rollout.completion_ids[i, :n].tolist()), p.answer_span)
+        if toks:
+            out[i] = float(np.exp(logp[i, toks].double().mean()))
+    return out
+
+
+class CalibrationPath:
+    """Base: the ``reward`` path's behaviour (nothing added), plus the grid readout every path logs.
+
+    Args:
+        trainer: the :class:`calibrl.rl.grpo.GRPOTrainer` (tokenizer, models, settings).
+        grid_step: the confidence grid's step (:func:`resolve_grid_step`).
+    """
+
+    #: The scoring-rule components leave the GRPO reward and the confidence tokens' GRPO advantage
+    #: is replaced by this path's loss.
+    replaces_reward = False
+
+    def __init__(self, trainer: "GRPOTrainer", grid_step: float) -> None:
+        self.t = trainer
+        self.grid = ConfidenceGrid.for_format(grid_step, trainer.prompts.fmt)
+        self.candidates = self.grid.token_ids(trainer.tokenizer)
+        comps = trainer.reward_fn.components
+        self.rules = {comps[k].rule: w for k, w in trainer.reward_fn.weights.items()
+                      if comps[k].kind == "scoring_rule" and w > 0}
+        self.worst = sum(w * SCORING_RULES.get(r).low for r, w in self.rules.items())
+
+    def _readout_model(self) -> tuple[Any, torch.dtype | None]:
+        if self.t.sampler is not None:
+            return self.t.sampler.model, None  # refreshed from the policy for this step's rollouts
+        return self.t.policy, self.t.autocast_dtype
+
+    def _grid_probs(self, model: Any, dtype: torch.dtype | None, rollout: Rollout, rows: torch.Tensor,
+                    ends: torch.Tensor, grad: bool) -> torch.Tensor:
+        # Under gradient checkpointing HF turns the KV cache off in training mode: no shared prefix.
+        share = not (grad and getattr(model, "is_activation_checkpointing", False))
+        with torch.set_grad_enabled(grad), autocast(module_device(model), dtype):
+            return grid_distribution(grid_logprobs(model, rollout, rows, ends, self.candidates,
+                                                   self.t.tokenizer.pad_token_id, share_prefix=share))
+
+    def prepare(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch,
+                examples: Sequence[Example]) -> CalibrationBatch:
+        """Contexts, targets and the grid readout of the step's rollout (no gradient)."""
+        rows, ends = confidence_contexts(self.t.tokenizer, rollout, parsed, self.t.prompts.fmt)
+        correct = np.asarray(rewards.correct, dtype=bool)
+        target = np.zeros(len(rows))
+        score = None
+        model, dtype = self._readout_model()
+        probs = self._grid_probs(model, dtype, rollout, rows, ends, grad=False).float().cpu() if len(rows) else None
+        exp_conf = np.full(len(rollout), np.nan)
+        if probs is not None:
+            exp_conf[rows.numpy()] = expected_confidence(probs, self.grid.values).double().numpy()
+        if self.replaces_reward:
+            answer_prob = None
+            if TARGETS.get(self.t.objective.target).needs_answer_prob:
+                with torch.no_grad(), autocast(module_device(model), dtype):
+                    logp = completion_logprobs(model, rollout).float().cpu()
+                answer_prob = _answer_probs(self.t.tokenizer, rollout, parsed, logp)
+            full = calibration_target(self.t.objective.target, self.t.objective.gamma, correct,
+                                      rollout.group_index.numpy(), [p.answer for p in parsed], answer_prob)
+            target = full[rows.numpy()]
+            score = np.full(len(rollout), self.worst)  # the worst where no context
+            if probs is not None:  # the expected score before the update
+                score[rows.numpy()] = expected_score(probs.double(), self.grid.values, torch.as_tensor(target),
+                                                     self.rules).numpy()
+        return CalibrationBatch(rows, ends, target, expected_confidence=exp_conf, score=score, rollout=rollout)
+
+    def loss(self, batch: CalibrationBatch, rows: torch.Tensor, n_contexts: float) -> torch.Tensor | None:
+        """The calibration loss of the main-rollout ``rows`` of one micro-batch (``None``: none)."""
+        return None
+
+
+CALIBRATION_PATHS: Registry[type[CalibrationPath]] = Registry("calibration path")
+
+
+@CALIBRATION_PATHS.register("reward")
+class RewardPath(CalibrationPath):
+    """``reward``: the scoring rules stay in the GRPO reward (module docstring)."""
+
+
+@CALIBRATION_PATHS.register("expected")
+class ExpectedPath(CalibrationPath):
+    """``expected``: the exact expected score over the grid (module docstring)."""
+
+    replaces_reward = True
+
+    def loss(self, batch, rows, n_contexts):
+        pos = torch.nonzero(torch.isin(batch.rows, rows)).flatten()  # contexts of these rows
+        if pos.numel() == 0:
+            return None
+        probs = self._grid_probs(self.t.policy, self.t.autocast_dtype, batch.rollout, batch.rows[pos],
+                                 batch.ends[pos], grad=True).float()
+        target = torch.as_tensor(batch.target[pos.numpy()], dtype=torch.float32, device=probs.device)
+        e = expected_score(probs, self.grid.values.float(), target, self.rules)
+        return -e.sum() / n_contexts
+
+
+@CALIBRATION_PATHS.register("branch")
+class BranchPath(CalibrationPath):
+    """``branch``: K sampled confidences per rollout, leave-one-out baseline (module docstring)."""
+
+    replaces_reward = True
+
+    def prepare(self, rollout, parsed, rewards, examples):
+        batch = super().prepare(rollout, parsed, rewards, examples)
+        k, m = self.t.objective.branches, len(batch.rows)
+        if m == 0:
+            return batch
+        ids, mask = context_ids(rollout, batch.rows, batch.ends, self.t.tokenizer.pad_token_id)
+        model, dtype = self._readout_model()
+        with torch.no_grad():
+            branch = sample_from_ids(
+                model, self.t.tokenizer, ids, mask, k, max_new_tokens=self.t.objective.branch_max_new_tokens,
+                temperature=self.t.algo.temperature, top_p=self.t.algo.top_p, do_sample=True,
+                stop_string=self.grid.close_tag, autocast_dtype=dtype)
+        scores = np.full(m * k, self.worst)
+        target = np.repeat(batch.target, k)
+        q = np.full(m * k, np.nan)
+        for j, text in enumerate(branch.texts):
+            body = text.split(self.grid.close_tag)[0] if self.grid.close_tag in text else None
+            if body is None:
+                continue  # never closed: unparseable, the worst score
+            value, _ = parse_confidence(body)
+            if value is None:
+                continue
+            q[j] = value
+            scores[j] = sum(w * (target[j] * SCORING_RULES.get(r).fn(np.array([value]), np.ones(1))[0]
+                                 + (1 - target[j]) * SCORING_RULES.get(r).fn(np.array([value]), np.zeros(1))[0])
+                            for r, w in self.rules.items())
+        adv = loo_advantages(torch.as_tensor(scores, dtype=torch.float32).view(m, k)).flatten()
+        batch.branch, batch.branch_adv, batch.branch_q = branch, adv, q
+        batch.score[batch.rows.numpy()] = scores.reshape(m, k).mean(axis=1)
+        (batch.branch_tokens,) = all_reduce_sum([float(branch.completion_mask.sum())])
+        return batch
+
+    def loss(self, batch, rows, n_contexts):
+        if batch.branch is None:
+            return None
+        pos = torch.nonzero(torch.isin(batch.rows, rows)).flatten()
+        if pos.numel() == 0:
+            return None
+        k = self.t.objective.branches
+        sel = (pos[:, None] * k + torch.arange(k)[None]).flatten()
+        sub = batch.branch.select(sel)
+        logp = self.t._logprobs(self.t.policy, sub, grad=True)
+        mask = sub.completion_mask.to(logp.device)
+        adv = batch.branch_adv[sel].to(logp.device)[:, None].expand_as(logp)
+        a = self.t.algo
+        res = clipped_policy_loss(logp, logp.detach(), adv, mask, clip_low=a.clip_low, clip_high=a.clip_high,
+                                  n_tokens=batch.branch_tokens, n_seqs=float(len(batch.rows)), agg="token_mean",
+                                  max_len=self.t.objective.branch_max_new_tokens, beta=0.0)
+        return res.loss

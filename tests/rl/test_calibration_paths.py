@@ -1,0 +1,177 @@
+"""The calibration paths in the trainer (calibrl.rl.calibration): what reaches which tokens."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from calibrl.config import ConfigError
+from calibrl.objectives.calibration import expected_score
+from calibrl.rl.calibration import check_calibration_settings
+from calibrl.rl.confidence_grid import confidence_contexts
+from calibrl.rl.rollout import Rollout
+from helpers import EXAMPLES, compose_config, make_trainer
+
+# B=2 prompts x G=2: e0 (gold 5) right+confident, right but malformed confidence;
+# e1 (gold 35) wrong, and no confidence at all.
+TEXTS = [
+    "<think>2+3</think><answer>5</answer><confidence>0.80</confidence>",
+    "<think>2+3</think><answer>5</answer><confidence>high</confidence>",
+    "<think>12+30-7</think><answer>36</answer><confidence>0.30</confidence>",
+    "<think>12+30-7</think><answer>35</answer>",
+]
+
+
+def text_rollout(tok, builder, texts=TEXTS) -> Rollout:
+    """The four completions of TEXTS (2 groups of 2), tokenized as the policy would have written them."""
+    enc = tok([builder.prompt(e) for e in EXAMPLES[:2]], return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    width = max(map(len, ids))
+    comp = torch.full((len(ids), width), tok.pad_token_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        comp[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return Rollout(enc.input_ids.repeat_interleave(2, dim=0), enc.attention_mask.repeat_interleave(2, dim=0),
+                   comp, mask, list(texts), torch.tensor([0, 0, 1, 1]))
+
+
+def _scored(trainer, rollout):
+    examples = EXAMPLES[:2]
+    parsed, rewards = trainer.score(rollout, examples)
+    return parsed, rewards, trainer.calibration.prepare(rollout, parsed, rewards, examples)
+
+
+def test_contexts_are_the_well_formed_rows_up_to_the_tag(tiny, builder):
+    model, tok = tiny
+    rollout = text_rollout(tok, builder)
+    trainer = make_trainer(copy.deepcopy(model), tok, builder)
+    parsed, _ = trainer.score(rollout, EXAMPLES[:2])
+    rows, ends = confidence_contexts(tok, rollout, parsed, trainer.prompts.fmt)
+    assert rows.tolist() == [0, 2]  # row 1's confidence does not parse, row 3 has none
+    for i, k in zip(rows.tolist(), ends.tolist()):
+        assert tok.decode(rollout.completion_ids[i, :k]).endswith("<confidence>")
+
+
+def test_expected_path_moves_confidence_tokens_off_the_grpo_advantage(tiny, builder):
+    model, tok = tiny
+    rollout = text_rollout(tok, builder)
+    plain = make_trainer(copy.deepcopy(model), tok, builder)
+    exp = make_trainer(copy.deepcopy(model), tok, builder, calibration="expected")
+    parsed, rewards, cal = _scored(exp, rollout)
+    a_exp = exp.advantages(rollout, parsed, rewards, cal)
+    # By hand: rewards without brier: correctness + 0.5 format = [1.5, 0, 0.5, 0] (rows 1 and 3
+    # fail the format: every component at its format-failure value, 0), group means 0.75 and 0.25
+    # -> [0.75, -0.75, 0.25, -0.25] on every token, except the confidence tokens (from the context
+    # end on) of rows 0 and 2.
+    mask = rollout.completion_mask.bool()
+    want = torch.tensor([0.75, -0.75, 0.25, -0.25])[:, None].expand_as(a_exp) * mask
+    for i, k in zip(cal.rows.tolist(), cal.ends.tolist()):
+        want[i, k:] = 0.0
+    assert torch.allclose(a_exp, want)
+    # the reward path keeps brier in the reward and its advantage on every token
+    parsed, rewards, cal_r = _scored(plain, rollout)
+    a_sum = plain.advantages(rollout, parsed, rewards, cal_r)
+    assert (a_sum[0, mask[0]] != 0).all() and cal_r.score is None
+
+
+def test_a_malformed_confidence_never_scores_better(tiny, builder):
+    model, tok = tiny
+    rollout = text_rollout(tok, builder)
+    for path in ("expected", "branch"):
+        trainer = make_trainer(copy.deepcopy(model), tok, builder, calibration=path, branches=3)
+        torch.manual_seed(0)
+        parsed, rewards, cal = _scored(trainer, rollout)
+        worst = trainer.calibration.worst
+        assert worst == -1.0  # brier weight 1
+        assert cal.score[1] == worst and cal.score[3] == worst  # malformed / missing
+        assert cal.score[0] >= worst and cal.score[2] >= worst
+        # with the format reward, the total of a malformed row is below the well-formed one of its group
+        total = rewards.components["correctness"] + 0.5 * rewards.components["format"] + cal.score
+        assert total[1] < total[0]
+
+
+def test_expected_score_matches_the_grid_distribution(tiny, builder):
+    """The logged pre-update score is the expected Brier of the model's own grid distribution."""
+    model, tok = tiny
+    rollout = text_rollout(tok, builder)
+    trainer = make_trainer(copy.deepcopy(model), tok, builder, calibration="expected")
+    parsed, rewards, cal = _scored(trainer, rollout)
+    probs = trainer.calibration._grid_probs(trainer.policy, None, rollout, cal.rows, cal.ends, grad=False).double()
+    values = trainer.calibration.grid.values
+    assert np.allclose(cal.expected_confidence[cal.rows.numpy()], (probs @ values).numpy())
+    # targets: row 0 right (1), row 2 wrong (0)
+    assert cal.target.tolist() == [1.0, 0.0]
+    want = expected_score(probs, values, torch.tensor([1.0, 0.0], dtype=torch.float64), {"brier": 1.0})
+    assert np.allclose(cal.score[[0, 2]], want.numpy())
+
+
+def test_expected_path_raises_its_own_expected_score(tiny, builder):
+    """Three updates on the same rollout (lr 1e-3) raise the expected Brier score of the contexts:
+    the path's loss reaches the confidence distribution, in the right direction."""
+    model, tok = tiny
+    rollout = text_rollout(tok, builder)
+    trainer = make_trainer(copy.deepcopy(model), tok, builder, calibration="expected")
+    parsed, rewards, cal = _scored(trainer, rollout)
+    before = cal.score[[0, 2]].mean()
+    for _ in range(3):
+        parsed, rewards, cal = _scored(trainer, rollout)
+        out = trainer.update(rollout, trainer.advantages(rollout, parsed, rewards, cal), cal)
+        assert np.isfinite(out["calibration_loss"])
+    _, _, cal = _scored(trainer, rollout)
+    assert cal.score[[0, 2]].mean() > before + 1e-3
+
+
+def test_branch_path_samples_k_confidences_and_baselines_them(tiny, builder):
+    model, tok = tiny
+    rollout = text_rollout(tok, builder)
+    trainer = make_trainer(copy.deepcopy(model), tok, builder, calibration="branch", branches=3)
+    torch.manual_seed(0)
+    parsed, rewards, cal = _scored(trainer, rollout)
+    assert len(cal.branch) == 2 * 3 and cal.branch.group_index.tolist() == [0, 0, 0, 1, 1, 1]
+    # leave-one-out advantages sum to 0 within each context
+    assert torch.allclose(cal.branch_adv.view(2, 3).sum(dim=1), torch.zeros(2), atol=1e-6)
+    out = trainer.update(rollout, trainer.advantages(rollout, parsed, rewards, cal), cal)
+    assert np.isfinite(out["loss"])
+
+
+def test_training_logs_the_expected_confidence(tiny, builder):
+    model, tok = tiny
+    trainer = make_trainer(copy.deepcopy(model), tok, builder, calibration="expected")
+    metrics = trainer.step()
+    for key in ("confidence_mean", "ece", "auroc", "brier", "coverage"):
+        assert f"train/expected_confidence/{key}" in metrics
+    assert "train/calibration_score" in metrics
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["objective.calibration=nope"], "calibration path 'nope'.*branch.*expected.*reward"),
+        (["objective.calibration=expected", "objective.target=nope"], "calibration target 'nope'"),
+        (["objective.calibration=expected", "objective.gamma=1.5"], r"gamma must be in \[0, 1\]"),
+        (["objective.calibration=expected", "objective.gamma=-0.1"], r"gamma must be in \[0, 1\]"),
+        (["objective.calibration=branch", "objective.branches=1"], "branches must be >= 2"),
+        (["objective.calibration=expected", "objective.grid_step=0.03"], "does not divide 1"),
+        (["objective.calibration=expected", "objective.grid_step=0.125"], "2 decimals"),
+        (["objective.calibration=expected", "objective.grid_step=0.1"], "does not match the confidence grid"),
+        (["objective.calibration=expected", "reward=rlvr"], "needs a scoring rule"),
+        (["objective.calibration=expected", "deepspeed=zero3"], "ZeRO-3"),
+        (["objective.calibration=branch", "algo.ppo_epochs=2"], "ppo_epochs=1"),
+        (["objective.target=group_accuracy"], "apply to objective.calibration=expected"),
+    ],
+)
+def test_bad_settings_are_refused(overrides, message):
+    cfg = compose_config(["model=tiny", "debug=default", *overrides])
+    with pytest.raises((KeyError, ValueError), match=message):
+        check_calibration_settings(cfg)
+
+
+def test_good_settings_pass():
+    for o in (["objective.calibration=expected", "objective.target=group_accuracy", "objective.gamma=0.5"],
+              ["objective.calibration=branch", "objective.branches=2"],
+              ["objective.calibration=expected", "objective.grid_step=0.05"],
+              ["objective.calibration=expected", "objective.grid_step=0.1", "trainer.sft.enabled=false"]):
+        check_calibration_settings(compose_config(["model=tiny", "debug=default", *o]))
