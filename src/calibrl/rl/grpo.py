@@ -466,7 +466,7 @@ class GRPOTrainer:
             "adv_abs_sum": float(advantages.abs().sum()), "times": (t1 - t0, t2 - t1, t3 - t2),
             "oom_retries": self.oom_retries,
             "expected_confidence": cal.expected_confidence, "calibration_score": cal.score,
-            "branch_q": cal.branch_q,
+            "branch_q": cal.branch_q, "calibration_target": cal.target,
         })
         return self._metrics(parts, rewards, upd)
 
@@ -475,7 +475,8 @@ class GRPOTrainer:
         ``train/expected_confidence/{confidence_mean, confidence_std, overconfidence, ece, brier,
         auroc, coverage}`` (the expected stated confidence, over the rows with a context;
         coverage: their share), and under ``expected``/``branch`` ``train/calibration_score``
-        (mean over all rows, the worst value where no context), under ``branch``
+        (mean over all rows, the worst value where no context) and ``train/calibration_target_mean``
+        (over the rows with a context), under ``branch``
         ``train/branch/{parse_rate, confidence_std_within}`` (share of branches whose confidence
         parsed; mean over contexts of the std of its K parsed confidences)."""
         exp_conf = np.concatenate([p["expected_confidence"] for p in parts])
@@ -486,6 +487,8 @@ class GRPOTrainer:
         out["train/expected_confidence/coverage"] = float(ok.mean())
         if parts[0]["calibration_score"] is not None:
             out["train/calibration_score"] = float(np.concatenate([p["calibration_score"] for p in parts]).mean())
+            target = np.concatenate([p["calibration_target"] for p in parts])
+            out["train/calibration_target_mean"] = float(target.mean()) if target.size else float("nan")
         qs = [p["branch_q"] for p in parts if p["branch_q"] is not None]
         if self.objective.calibration == "branch":
             q = np.concatenate(qs) if qs else np.zeros(0)
