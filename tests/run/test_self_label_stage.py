@@ -75,6 +75,7 @@ def test_agreement_answers_sample_n_answers_per_question_and_leave_the_rng(tmp_p
     # the greedy completion is the evaluator's: the same as a greedy answer to the same question
     again = stages.answer_items(parts, items[:1], LABEL_SIGNALS.get("answer_prob"))
     assert again[0].completion == answered[0].completion and again[0].samples == ()
+    parts.tracker.close(0)
 
 
 class ScriptedAnswers:

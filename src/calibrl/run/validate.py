@@ -90,17 +90,20 @@ def _resolve_self_label(cfg: DictConfig) -> None:
 
 def _self_label_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
     """``(failed, message)`` for the values of ``trainer.self_label`` (only when it is enabled)."""
+    from calibrl.rl.self_label import LABEL_SIGNALS
+
     sl, sft = cfg.trainer.self_label, cfg.trainer.sft
     if not sl.enabled:
         return []
     needed = sft.num_examples + sl.num_examples
+    sampled = sl.signal in LABEL_SIGNALS and LABEL_SIGNALS.get(sl.signal).needs_samples
     return [
         (not sft.enabled,
          "trainer.self_label.enabled=true needs trainer.sft.enabled=true (the format must be taught first)"),
         (not 0 < sl.fit_fraction < 1, f"trainer.self_label.fit_fraction must be in (0, 1), got {sl.fit_fraction}"),
         (sl.num_examples < 4, f"trainer.self_label.num_examples must be >= 4, got {sl.num_examples}"),
-        (sl.signal == "agreement" and sl.n_samples < 2,
-         f"trainer.self_label.signal=agreement needs trainer.self_label.n_samples >= 2, got {sl.n_samples}"),
+        (sampled and sl.n_samples < 2,
+         f"trainer.self_label.signal={sl.signal} needs trainer.self_label.n_samples >= 2, got {sl.n_samples}"),
         (sl.epochs < 1, f"trainer.self_label.epochs must be >= 1, got {sl.epochs}"),
         (sl.batch_size < 1, f"trainer.self_label.batch_size must be >= 1, got {sl.batch_size}"),
         (not 0 <= sl.warmup_ratio <= 1, f"trainer.self_label.warmup_ratio must be in [0, 1], got {sl.warmup_ratio}"),
