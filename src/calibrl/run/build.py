@@ -32,8 +32,8 @@ from calibrl.device import default_backend, resolve_device
 from calibrl.distributed import DistInfo, broadcast_object, dist_info, init_distributed
 from calibrl.eval.evaluator import check_slice_fields
 from calibrl.models import ModelSpec, load_policy
-from calibrl.rl.self_label import self_label_items
 from calibrl.rewards import RewardFunction
+from calibrl.rl.self_label import self_label_items
 from calibrl.run.checkpoint import CheckpointState
 from calibrl.run.guards import resume_state
 from calibrl.tracking import Tracker, redact
