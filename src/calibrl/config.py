@@ -38,7 +38,7 @@ from omegaconf import II, MISSING, DictConfig
 
 __all__ = [
     "AlgoConfig", "Config", "ConfigError", "EvalConfig", "EvalJobConfig", "ObjectiveConfig", "SAVE_DTYPES", "SFTConfig",
-    "TrainerConfig", "register_schema", "rl_warmup_steps",
+    "SelfLabelConfig", "TrainerConfig", "register_schema", "rl_warmup_steps",
 ]
 
 
@@ -193,9 +193,10 @@ class SelfLabelConfig:
     signal: str = "answer_prob"  # answer_prob | agreement (calibrl.rl.self_label.LABEL_SIGNALS)
     n_samples: int = 4  # agreement: sampled answers per question
     loss_on: str = "confidence"  # confidence (value tokens only) | completion (the whole completion)
-    epochs: int = 2
-    batch_size: int = 8
+    epochs: int = 2  # passes over the relabelled completions
+    batch_size: int = 8  # relabelled completions per optimizer step
     lr: float = 5e-5
+    warmup_ratio: float = 0.05  # linear schedule: ceil(ratio * steps) warm-up steps, as trainer.sft
 
 
 #: Choices of ``trainer.save_dtype``: the dtype of the final HF checkpoint's weights.

@@ -3,6 +3,7 @@ their stages, metrics from predictions worked out by hand, and the errors that n
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -77,6 +78,29 @@ def test_wandb_unfinished_run_and_raw_stage():
     run.config["eval"]["raw_model"] = True  # config says raw + sft, but only one eval before RL
     (r,) = load_wandb_runs("ent/proj", "g", api=FakeWandbApi([run]))
     assert not r.finished and [p.stage for p in r.evals] == ["step0", "step2"]
+
+
+def _with_self_label_eval(records: list[dict]) -> list[dict]:
+    """``records`` with a self-label step and its eval (accuracy 0.25) after the SFT eval (step 1):
+    the later records move one step on."""
+    out = [r | {"step": r["step"] + 1} if r["step"] >= 2 else r for r in records]
+    return out[:2] + [{"step": 2, "self_label/loss": 0.5}, {"step": 2, "eval/ds/accuracy": 0.25}] + out[2:]
+
+
+def test_self_label_eval_is_a_stage_before_rl(tmp_path):
+    d = write_run_dir(tmp_path, "a", 0)
+    records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _with_self_label_eval(records)))
+    (d / "eval_self_label.jsonl").write_text(json.dumps({"confidence": 0.4, "correct": 1, "format_ok": True}) + "\n")
+    r = load_run(d)
+    assert [(p.stage, p.rl_step) for p in r.evals] == [("sft", 0), ("self_label", 0), ("step2", 2), ("final", 4)]
+    assert r.point("self_label").values["accuracy"] == 1.0  # from its predictions
+    run = FakeApiRun("a", 0)
+    run.config["trainer"]["self_label"] = {"enabled": True}
+    run._records = _with_self_label_eval(run._records)
+    (w,) = load_wandb_runs("ent/proj", "g", api=FakeWandbApi([run]))
+    assert [p.stage for p in w.evals] == ["sft", "self_label", "step2", "final"]
+    assert w.point("self_label").values["accuracy"] == 0.25  # from the logged scalar
 
 
 def test_wandb_errors(monkeypatch):

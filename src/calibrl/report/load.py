@@ -9,8 +9,8 @@ group instead, through ``wandb.Api()`` (config, summary, ``scan_history``), into
 :class:`WandbUnavailable`.
 
 **Eval points** (:class:`EvalPoint`). The ``eval/<dataset>/*`` records of the metrics file, in
-order: ``raw`` and ``start``/``sft`` before RL (RL step 0), ``step<N>`` after RL step N
-(``trainer.eval_every``), ``final`` last, once the run has finished. A point's metrics
+order: ``raw``, ``start``/``sft`` and ``self_label`` before RL (RL step 0), ``step<N>`` after RL
+step N (``trainer.eval_every``), ``final`` last, once the run has finished. A point's metrics
 (:data:`COLUMNS`) are computed from its predictions when there are any (:mod:`calibrl.metrics`,
 the functions training uses), else taken from the logged scalars. With several eval datasets in
 one run, ``dataset`` picks one.
@@ -53,7 +53,7 @@ COLUMNS = ("accuracy", "format_rate", "ece", "brier", "auroc", "confidence_mean"
 # per-step training metrics drawn as curves (``train/<metric>``), also the eval markers
 CURVE_METRICS = ("accuracy", "ece", "brier", "auroc", "confidence_mean")
 # stages evaluated before the first RL step, in the order a run evaluates them
-ZERO_STAGES = ("raw", "start", "sft")
+ZERO_STAGES = ("raw", "start", "sft", "self_label")
 # ``(confidence [M], correct [M]) -> value`` over the M well-formed samples: ECE with 10 uniform
 # bins (``sum_b n_b/N |acc_b - conf_b|``, Guo et al. 2017, arXiv:1706.04599), Brier score
 # (``mean (q - c)^2``, Brier 1950), AUROC (correct vs wrong ranked by confidence, Hanley & McNeil
@@ -94,7 +94,8 @@ class EvalPoint:
     """One held-out eval of a run.
 
     Attributes:
-        stage: ``raw``, ``start`` or ``sft`` (before RL), ``step<N>`` (after RL step N), ``final``.
+        stage: ``raw``, ``start``, ``sft`` or ``self_label`` (before RL), ``step<N>`` (after RL step
+            N), ``final``.
         rl_step: RL steps done when it ran (0 before RL).
         logged: its logged ``eval/<dataset>/<metric>`` scalars, by metric name.
         rows: its per-sample predictions (``eval_<stage>.jsonl`` rows with ``confidence``,
@@ -327,9 +328,9 @@ def load_wandb_runs(path: str, group: str, dataset: str | None = None, api: Any 
     final eval). History rows (``scan_history``) play the part of the metrics file; W&B merges the
     records logged at one step into one row, which the parser reads as training then eval. Stages
     before RL are named from the config (``eval.raw_model`` -> ``raw``, then ``sft`` if
-    ``trainer.sft.enabled`` else ``start``). Two evals logged at one step (``raw`` and ``start``
-    of a run without SFT, both at step 0) reach W&B as one row, the later values winning; that
-    point is then named ``step0``.
+    ``trainer.sft.enabled`` else ``start``, then ``self_label`` if ``trainer.self_label.enabled``).
+    Two evals logged at one step (``raw`` and ``start`` of a run without SFT, both at step 0) reach
+    W&B as one row, the later values winning; that point is then named ``step0``.
 
     Args:
         path: ``ENTITY/PROJECT``.
@@ -352,7 +353,7 @@ def load_wandb_runs(path: str, group: str, dataset: str | None = None, api: Any 
         cfg = OmegaConf.create({k: v for k, v in config.items() if not k.startswith("_")})
         zero = (["raw"] if OmegaConf.select(cfg, "eval.raw_model") else []) + [
             "sft" if OmegaConf.select(cfg, "trainer.sft.enabled") else "start"
-        ]
+        ] + (["self_label"] if OmegaConf.select(cfg, "trainer.self_label.enabled") else [])
         records = ({k: v for k, v in row.items() if not k.startswith("_")} for row in history)
         runs.append(_make_run(
             f"wandb:{path}/{r.id}", cfg, records, zero_stages=zero,

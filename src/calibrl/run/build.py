@@ -33,6 +33,7 @@ from calibrl.distributed import DistInfo, broadcast_object, dist_info, init_dist
 from calibrl.eval.evaluator import check_slice_fields
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
+from calibrl.rl.self_label import self_label_items
 from calibrl.run.checkpoint import CheckpointState
 from calibrl.run.guards import resume_state
 from calibrl.tracking import Tracker, redact
@@ -129,15 +130,20 @@ def _processes(settings: Config) -> tuple[torch.device, DistInfo]:
 
 
 def _splits(cfg: DictConfig, settings: Config) -> DataSplits:
-    """The data splits, with the eval set's ``eval.slice_by`` fields checked.
+    """The data splits, with the eval set's ``eval.slice_by`` fields checked, and, with
+    ``trainer.self_label.enabled``, enough training rows for its questions.
 
     Raises:
-        ConfigError: a data mistake (unknown task, unreadable file, missing field, bad size), or a
-            hub data set that cannot be reached.
+        ConfigError: a data mistake (unknown task, unreadable file, missing field, bad size, too
+            few training rows for ``trainer.sft.num_examples + trainer.self_label.num_examples``),
+            or a hub data set that cannot be reached.
     """
     try:
         splits = build_splits(**OmegaConf.to_container(cfg.data, resolve=True))
         check_slice_fields(splits.eval, settings.eval.slice_by, splits.name)
+        t = settings.trainer
+        if t.self_label.enabled:  # enough training rows for its questions after the SFT demonstrations
+            self_label_items(splits.train, t.sft.num_examples, t.self_label.num_examples)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"data: {err.args[0]}") from err
     except ConnectionError as err:  # a hub data set with no network (datasets raises it after retrying)

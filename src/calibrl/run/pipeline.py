@@ -3,16 +3,17 @@
 :func:`run` is the whole job: :func:`calibrl.run.validate.validate`, then
 :func:`calibrl.run.build.build` (device, processes, run directory, seeds, data, reward, policy,
 prompts, tracker), then the stages of :mod:`calibrl.run.stages`: on a fresh run the data report,
-the raw-model eval (``eval.raw_model``) and the SFT warm-up with its eval (or its SFT-cache copy);
-then the RL loop (continued from ``trainer.resume`` on a resumed run) and the final eval and
-checkpoint. The tracker is closed and ``summary.json`` written whatever happens.
+the raw-model eval (``eval.raw_model``), the SFT warm-up with its eval (or its SFT-cache copy)
+and, with ``trainer.self_label.enabled``, the self-labelled confidence warm-up with its eval (or
+its cached copy); then the RL loop (continued from ``trainer.resume`` on a resumed run) and the
+final eval and checkpoint. The tracker is closed and ``summary.json`` written whatever happens.
 
 Files in the run directory: ``config_resolved.yaml``, ``metrics.jsonl`` (one JSON object per
 log call, flushed each time), ``eval_<stage>.jsonl`` (per-sample predictions) and
 ``eval_<stage>.json`` (the eval report with bootstrap CIs, see :mod:`calibrl.eval.evaluator`) for
-the stages ``raw``, ``sft`` (or ``start``), ``step<i>`` (every ``trainer.eval_every`` RL steps) and
-``final``, ``summary.json`` (stage -> eval scalars, the before/after table; strict JSON, undefined
-values ``null``),
+the stages ``raw``, ``sft`` (or ``start``), ``self_label``, ``step<i>`` (every
+``trainer.eval_every`` RL steps) and ``final``, ``summary.json`` (stage -> eval scalars, the
+before/after table; strict JSON, undefined values ``null``),
 ``checkpoint/`` (final HF model and tokenizer, weights in ``trainer.save_dtype``), ``wandb/``
 (offline run), ``checkpoints/step*/`` (resumable checkpoints every ``trainer.save_every`` RL steps,
 :mod:`calibrl.run.checkpoint`; ``trainer.resume=auto|<path>`` continues from one).
@@ -82,7 +83,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     """Run the configured job in ``run_dir`` (module docstring: stages, files, exit codes).
 
     Returns:
-        Stage name (``raw``, ``sft`` or ``start``, ``step<i>``, ``final``) -> eval metrics.
+        Stage name (``raw``, ``sft`` or ``start``, ``self_label``, ``step<i>``, ``final``) -> eval
+        metrics.
 
     Raises:
         ConfigError / FileNotFoundError: invalid configuration or a missing local path (raised by
@@ -102,6 +104,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
             stages.log_data(parts, state)
             stages.raw_eval(parts, state)
             stages.sft_warm_up(parts, state)
+            stages.self_label_warm_up(parts, state)
         rl = stages.setup_rl(parts, state)
         stages.rl_loop(parts, state, rl, preempted)
         stages.final_eval_and_save(parts, state)

@@ -1,4 +1,4 @@
-"""Reuse one finished SFT warm-up across runs that share it (``trainer.sft.cache=true``).
+"""Reuse one finished warm-up across runs that share it (``trainer.sft.cache=true``).
 
 Ablation arms differ only after the warm-up, yet each would repeat the same SFT (and the same
 eval after it). With the cache on, the first run stores, under
@@ -14,6 +14,13 @@ The key is a SHA-256 of everything the warm-up and its eval depend on: the resol
 and the calibrl version. It does not cover the code: after changing SFT or eval code, delete
 ``$CALIBRL_CACHE/sft``. Entries are written to a temporary directory renamed into place, so an
 interrupted run never leaves a half entry.
+
+The self-labelled confidence warm-up that follows (``trainer.self_label.enabled``,
+:mod:`calibrl.rl.self_label`) is cached the same way, as an entry of stage ``self_label`` under
+``$CALIBRL_CACHE/self_label/<key>/`` (its checkpoint, records, ``eval_self_label.*`` files and RNG
+states), with the key :func:`self_label_cache_key`: a SHA-256 of the SFT key (the model it starts
+from and everything the SFT key covers) and ``trainer.self_label``. Delete
+``$CALIBRL_CACHE/self_label`` after changing its code.
 """
 
 from __future__ import annotations
@@ -33,9 +40,15 @@ from omegaconf import DictConfig, OmegaConf
 import calibrl
 from calibrl.device import device_type, rng_state, set_rng_state
 
-__all__ = ["SFTCacheEntry", "sft_cache_key", "sft_cache_dir", "save_sft_cache", "load_sft_cache"]
+__all__ = [
+    "SFTCacheEntry", "eval_files", "load_sft_cache", "save_sft_cache", "self_label_cache_dir", "self_label_cache_key",
+    "sft_cache_dir", "sft_cache_key",
+]
 
-EVAL_FILES = ("eval_sft.json", "eval_sft.jsonl")
+
+def eval_files(stage: str) -> tuple[str, str]:
+    """The eval files of an eval ``stage`` in the run directory: report and predictions."""
+    return f"eval_{stage}.json", f"eval_{stage}.jsonl"
 
 
 def sft_cache_key(cfg: DictConfig) -> str:
@@ -57,19 +70,34 @@ def sft_cache_dir(cfg: DictConfig) -> Path:
     return Path(cfg.model.cache_dir).expanduser().parent / "sft" / sft_cache_key(cfg)
 
 
+def self_label_cache_key(cfg: DictConfig) -> str:
+    """Hex SHA-256 of what the self-labelled warm-up and the eval after it depend on: the SFT key
+    (:func:`sft_cache_key`: the model it starts from, data, prompt, eval settings, seed, ...) and
+    the resolved ``trainer.self_label``."""
+    parts = {"sft": sft_cache_key(cfg), "self_label": OmegaConf.to_container(cfg.trainer.self_label, resolve=True)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def self_label_cache_dir(cfg: DictConfig) -> Path:
+    """``<model.cache_dir>/../self_label/<key>`` (``$CALIBRL_CACHE/self_label/<key>`` by default)."""
+    return Path(cfg.model.cache_dir).expanduser().parent / "self_label" / self_label_cache_key(cfg)
+
+
 @dataclass
 class SFTCacheEntry:
     """A stored warm-up.
 
     Attributes:
         path: the entry's directory; the model and tokenizer are in ``path / "checkpoint"``.
-        records: the SFT log records (``{"step": i, "sft/...": ...}``), in order.
-        eval_scalars: the flat post-SFT eval metrics (as :meth:`EvalResult.scalars` gives them).
+        records: the warm-up's log records (``{"step": i, "sft/...": ...}``), in order.
+        eval_scalars: the flat eval metrics after it (as :meth:`EvalResult.scalars` gives them).
+        stage: the eval stage after it, ``sft`` or ``self_label`` (names its eval files).
     """
 
     path: Path
     records: list[dict[str, Any]]
     eval_scalars: dict[str, float]
+    stage: str = "sft"
 
     @property
     def last_step(self) -> int:
@@ -77,8 +105,8 @@ class SFTCacheEntry:
         return self.records[-1]["step"] if self.records else 0
 
     def copy_eval_files(self, run_dir: Path) -> None:
-        """Copy the post-SFT eval report and predictions into ``run_dir``."""
-        for name in EVAL_FILES:
+        """Copy the eval report and predictions of :attr:`stage` into ``run_dir``."""
+        for name in eval_files(self.stage):
             shutil.copyfile(self.path / name, run_dir / name)
 
     def restore_rng(self) -> None:
@@ -89,14 +117,15 @@ class SFTCacheEntry:
 
 def save_sft_cache(
     target: Path, model: Any, tokenizer: Any, records: list[dict[str, Any]], eval_scalars: dict[str, float],
-    run_dir: Path,
+    run_dir: Path, stage: str = "sft",
 ) -> Path:
     """Store a finished warm-up at ``target`` (atomically; an existing entry is kept).
 
     Args:
-        records: the SFT log records.
-        eval_scalars: the post-SFT eval metrics.
-        run_dir: where the post-SFT eval files (``eval_sft.json``/``.jsonl``) were written.
+        records: the warm-up's log records.
+        eval_scalars: the metrics of the eval after it.
+        run_dir: where that eval's files (``eval_<stage>.json``/``.jsonl``) were written.
+        stage: that eval's stage, ``sft`` or ``self_label``.
 
     Returns:
         ``target``.
@@ -108,11 +137,11 @@ def save_sft_cache(
     try:
         model.save_pretrained(tmp / "checkpoint")
         tokenizer.save_pretrained(tmp / "checkpoint")
-        for name in EVAL_FILES:
+        for name in eval_files(stage):
             shutil.copyfile(run_dir / name, tmp / name)
         with (tmp / "rng.pkl").open("wb") as f:
             pickle.dump(rng_state(), f)
-        (tmp / "entry.json").write_text(json.dumps({"records": records, "eval_scalars": eval_scalars}))
+        (tmp / "entry.json").write_text(json.dumps({"records": records, "eval_scalars": eval_scalars, "stage": stage}))
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)
@@ -130,4 +159,4 @@ def load_sft_cache(target: Path) -> SFTCacheEntry | None:
     if not entry.is_file():
         return None
     data = json.loads(entry.read_text())
-    return SFTCacheEntry(target, data["records"], data["eval_scalars"])
+    return SFTCacheEntry(target, data["records"], data["eval_scalars"], data.get("stage", "sft"))

@@ -6,14 +6,18 @@ parts :func:`calibrl.run.build.build` made:
 2. :func:`sft_warm_up` (a fresh run only): the format warm-up (:mod:`calibrl.rl.sft`), or its
    stored copy from the SFT cache (``trainer.sft.cache``, :mod:`calibrl.run.sft_cache`), then an
    eval (``sft``; ``start`` without a warm-up).
+   :func:`self_label_warm_up` (a fresh run with ``trainer.self_label.enabled``): the
+   self-labelled confidence warm-up (:mod:`calibrl.rl.self_label`; the greedy answers come from
+   the evaluator), or its stored copy from the cache, then an eval (``self_label``).
 3. :func:`setup_rl` then :func:`rl_loop`: the GRPO trainer (:mod:`calibrl.rl.grpo`) on its update
    engine, restored from ``trainer.resume``; one RL step per iteration, with the guards of
    :mod:`calibrl.run.guards` (evals ``step<i>``, resumable checkpoints, non-finite and SIGTERM stops).
 4. :func:`final_eval_and_save`: the final eval (``final``) and the HF checkpoint (in
    ``trainer.save_dtype``).
 
-Global step: SFT optimizer steps are steps ``1..S``, RL steps ``S+1..S+R``; evals are logged at the
-step they follow (0 for the raw model, S after the warm-up, S+R at the end). Each eval ``<stage>``
+Global step: SFT optimizer steps are steps ``1..S``, self-label steps ``S+1..S+K`` (K = 0 when it
+is off), RL steps ``S+K+1..S+K+R``; evals are logged at the step they follow (0 for the raw model,
+S after the SFT warm-up, S+K after the self-labelled one, S+K+R at the end). Each eval ``<stage>``
 writes ``eval_<stage>.jsonl`` (per-sample predictions) and ``eval_<stage>.json`` (the report with
 bootstrap CIs, :mod:`calibrl.eval.evaluator`) to the run directory (rank 0).
 """
@@ -22,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import signal
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,21 +41,25 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrl.config import rl_warmup_steps
+from calibrl.data.example import Example
 from calibrl.distributed import all_reduce_sum
 from calibrl.eval.evaluator import evaluate, report_json, write_predictions
 from calibrl.rl.engine import Engine, TorchEngine
 from calibrl.rl.calibration import resolve_grid_step
 from calibrl.rl.grpo import GRPOTrainer
 from calibrl.rl.rollout import SamplingCopy
+from calibrl.rl.self_label import (
+    LABEL_SIGNALS, Answered, LabelSignal, build_label_set, num_self_label_steps, self_label_items, self_label_warmup,
+)
 from calibrl.rl.sft import num_sft_steps, sft_warmup
 from calibrl.run.build import RunParts, make_optimizer, make_scheduler, place_policy
 from calibrl.run.checkpoint import save_checkpoint
 from calibrl.run.guards import EXIT_NON_FINITE, Cadence, RunStopped, SignalFlag, non_finite_message
-from calibrl.run.sft_cache import SFTCacheEntry, load_sft_cache, save_sft_cache, sft_cache_dir
+from calibrl.run.sft_cache import SFTCacheEntry, load_sft_cache, save_sft_cache, self_label_cache_dir, sft_cache_dir
 
 __all__ = [
-    "RL", "RunState", "final_eval_and_save", "log_data", "raw_eval", "rl_loop", "run_eval", "save_final_model",
-    "setup_rl", "sft_warm_up",
+    "RL", "RunState", "answer_items", "final_eval_and_save", "log_data", "raw_eval", "rl_loop", "run_eval",
+    "save_final_model", "self_label_warm_up", "setup_rl", "sft_warm_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,14 +131,14 @@ def raw_eval(parts: RunParts, state: RunState) -> None:
         run_eval(parts, state, "raw")
 
 
-def _sft_from_cache(parts: RunParts, state: RunState, cached: SFTCacheEntry) -> None:
-    """Take the warm-up and its eval from the SFT cache: the warmed-up model replaces
-    ``parts.model``, the SFT records and the eval are logged again, and the RNG states are
-    restored, so the RL trajectory equals that of a run that did the warm-up."""
+def _from_cache(parts: RunParts, state: RunState, cached: SFTCacheEntry, what: str) -> None:
+    """Take a warm-up (``what``, for the messages) and its eval from the cache: the warmed-up
+    model replaces ``parts.model``, the warm-up's records and the eval are logged again, and the
+    RNG states are restored, so the RL trajectory equals that of a run that did the warm-up."""
     from transformers import AutoModelForCausalLM
 
-    log.info("SFT warm-up and its eval loaded from the cache %s", cached.path)
-    print(f"SFT warm-up: loaded from the cache {cached.path}")
+    log.info("%s and its eval loaded from the cache %s", what, cached.path)
+    print(f"{what}: loaded from the cache {cached.path}")
     model = AutoModelForCausalLM.from_pretrained(
         str(cached.path / "checkpoint"), dtype=torch.float32, trust_remote_code=parts.settings.model.trust_remote_code,
     )
@@ -137,7 +148,7 @@ def _sft_from_cache(parts: RunParts, state: RunState, cached: SFTCacheEntry) -> 
     state.step = cached.last_step
     if parts.dist.is_main:
         cached.copy_eval_files(parts.run_dir)
-    state.results["sft"] = cached.eval_scalars
+    state.results[cached.stage] = cached.eval_scalars
     parts.tracker.log({f"eval/{parts.splits.name}/{k}": v for k, v in cached.eval_scalars.items()}, step=state.step)
     cached.restore_rng()
 
@@ -169,12 +180,104 @@ def sft_warm_up(parts: RunParts, state: RunState) -> None:
     cache_at = sft_cache_dir(parts.cfg) if sft.enabled and sft.cache else None
     cached = load_sft_cache(cache_at) if cache_at is not None else None
     if cached is not None:
-        _sft_from_cache(parts, state, cached)
+        _from_cache(parts, state, cached, "SFT warm-up")
         return
     records = _train_sft(parts, state) if sft.enabled else []
     run_eval(parts, state, "sft" if sft.enabled else "start")
     if cache_at is not None and parts.dist.is_main:
         save_sft_cache(cache_at, parts.model, parts.tokenizer, records, state.results["sft"], parts.run_dir)
+
+
+def answer_items(
+    parts: RunParts, items: list[Example], label_signal: LabelSignal, progress: Callable[[int], None] | None = None,
+) -> list[Answered]:
+    """Greedy answers of the policy to ``items`` through the evaluator (``eval`` settings: token
+    cap, batch size; one greedy completion each, with the answer-token probability when
+    ``label_signal`` needs it) and, when it needs them, ``trainer.self_label.n_samples`` sampled
+    answers each (temperature 1, seeded with ``seed``; the caller's RNG is left as it was).
+    ``progress`` receives the questions done, once per pass."""
+    s = parts.settings
+    base = dataclasses.replace(s.eval, n_bootstrap=0, slice_by=[], grid_step=None)
+
+    def rows_by_id(settings: Any) -> dict[str, list[dict[str, Any]]]:
+        rows = evaluate(
+            parts.model, parts.tokenizer, parts.prompts, items, parts.splits.is_correct, parts.reward_fn, settings,
+            dataset=parts.splits.name, autocast_dtype=parts.autocast_dtype, progress=progress, dist=parts.dist,
+        ).predictions
+        out: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            out.setdefault(row["id"], []).append(row)
+        return out
+
+    greedy = rows_by_id(dataclasses.replace(base, n_samples=1, do_sample=False,
+                                            intrinsic=label_signal.needs_answer_prob))
+    sampled: dict[str, list[dict[str, Any]]] = {}
+    if label_signal.needs_samples:
+        sampled = rows_by_id(dataclasses.replace(base, n_samples=s.trainer.self_label.n_samples, do_sample=True,
+                                                 temperature=1.0, intrinsic=False))
+    answered = []
+    for e in items:
+        (row,) = greedy[e.id]
+        prob = math.nan if row["answer_prob"] is None else row["answer_prob"]
+        answered.append(Answered(e, row["completion"], bool(row["correct"]), prob,
+                                 tuple(r["answer"] for r in sampled.get(e.id, []))))
+    return answered
+
+
+def _train_self_label(parts: RunParts, state: RunState) -> list[dict[str, float]]:
+    """Answer, relabel and fine-tune (:mod:`calibrl.rl.self_label`; global steps S+1..S+K, logged
+    as ``self_label/...``), then log the label-set metrics and the times at the last step; returns
+    the log records. (:func:`calibrl.run.build.build` checked that the training set holds the
+    questions.)"""
+    s, t = parts.settings, parts.settings.trainer
+    sl, start = t.self_label, time.perf_counter()
+    items = self_label_items(parts.splits.train, t.sft.num_examples, sl.num_examples)
+    label_signal = LABEL_SIGNALS.get(sl.signal)
+    passes = 2 if label_signal.needs_samples else 1
+    with tqdm(total=passes * len(items), desc="self-label answers", unit="question", leave=False) as bar:
+        answered = answer_items(parts, items, label_signal, progress=bar.update)
+    answer_s = time.perf_counter() - start
+    labels = build_label_set(answered, sl, t.sft.confidence.grid_step, parts.prompts.fmt, s.seed)
+    m = labels.metrics
+    log.info("self-label: fit on %d of %d items, %d relabelled completions, %d dropped (not well formed or no signal)",
+             m["self_label/fit_points"], m["self_label/n_fit"], m["self_label/n_label"], m["self_label/n_dropped"])
+    total = num_self_label_steps(len(labels.items), sl)
+    opt = make_optimizer(parts.model, sl.lr, t.weight_decay)
+    sched = make_scheduler("linear", opt, math.ceil(sl.warmup_ratio * total), total)
+    records: list[dict[str, float]] = []
+    first = state.step
+    with tqdm(total=total, desc="self-label warm-up", unit="step") as bar:
+
+        def on_step(i: int, metrics: dict[str, float]) -> None:
+            parts.tracker.log(metrics, step=first + i)
+            records.append({"step": first + i, **metrics})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['self_label/loss']:.3f}")
+
+        state.step += self_label_warmup(parts.model, parts.tokenizer, parts.prompts, labels.items, t, opt, sched,
+                                        on_step, seed=s.seed)
+    summary = m | {"perf/self_label_answer_s": answer_s, "perf/self_label_s": time.perf_counter() - start}
+    parts.tracker.log(summary, step=state.step)
+    return [*records, {"step": state.step, **summary}]
+
+
+def self_label_warm_up(parts: RunParts, state: RunState) -> None:
+    """With ``trainer.self_label.enabled``: the self-labelled confidence warm-up and the eval after
+    it (``self_label``); with ``trainer.sft.cache`` both are loaded from, or stored to, the cache
+    (:func:`calibrl.run.sft_cache.self_label_cache_dir`)."""
+    t = parts.settings.trainer
+    if not t.self_label.enabled:
+        return
+    cache_at = self_label_cache_dir(parts.cfg) if t.sft.cache else None
+    cached = load_sft_cache(cache_at) if cache_at is not None else None
+    if cached is not None:
+        _from_cache(parts, state, cached, "self-labelled warm-up")
+        return
+    records = _train_self_label(parts, state)
+    run_eval(parts, state, "self_label")
+    if cache_at is not None and parts.dist.is_main:
+        save_sft_cache(cache_at, parts.model, parts.tokenizer, records, state.results["self_label"], parts.run_dir,
+                       stage="self_label")
 
 
 def _engine(parts: RunParts, opt: torch.optim.Optimizer, sched: Any) -> Engine:

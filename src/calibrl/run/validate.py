@@ -3,7 +3,7 @@ value checked, local paths and model files found, before any data or model is lo
 
 :func:`validate` runs three checks in turn: :func:`_resolve_names` (registries and the settings
 objects that check themselves), :func:`_value_problems` (one message per bad value, naming the
-key) and :func:`_check_paths`.
+key; :func:`_self_label_problems` for ``trainer.self_label``) and :func:`_check_paths`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def _resolve_names(cfg: DictConfig) -> None:
             VERIFIERS.get(cfg.data.verifier)
         CONFIDENCE_POLICIES.get(cfg.trainer.sft.confidence.policy)
         check_calibration_settings(cfg)
+        if cfg.trainer.self_label.enabled:
+            _resolve_self_label(cfg)
         check_eval_config(OmegaConf.to_object(cfg.eval))
         if cfg.deepspeed.enabled:
             from calibrl.rl.deepspeed_engine import deepspeed_config
@@ -60,6 +62,58 @@ def _resolve_names(cfg: DictConfig) -> None:
                              max_grad_norm=cfg.trainer.max_grad_norm)
     except (KeyError, ValueError) as err:
         raise ConfigError(err.args[0]) from err
+
+
+def _resolve_self_label(cfg: DictConfig) -> None:
+    """The self-label signal and ``loss_on`` names, the confidence grid its labels are rounded to,
+    and scikit-learn (its isotonic regression).
+
+    Raises:
+        KeyError / ValueError: an unknown name (listing the valid ones) or a bad grid step.
+        ConfigError: scikit-learn is not installed.
+    """
+    import importlib.util
+
+    from calibrl.rl.confidence_grid import ConfidenceGrid
+    from calibrl.rl.self_label import LABEL_SIGNALS, LOSS_ON
+
+    sl = cfg.trainer.self_label
+    LABEL_SIGNALS.get(sl.signal)
+    if sl.loss_on not in LOSS_ON:
+        raise ValueError(
+            f"unknown trainer.self_label.loss_on {sl.loss_on!r}; valid choices: {', '.join(sorted(LOSS_ON))}")
+    try:
+        ConfidenceGrid(cfg.trainer.sft.confidence.grid_step)  # the self-labels are rounded to it
+    except ValueError as err:
+        raise ValueError(f"trainer.sft.confidence.grid_step: {err}") from err
+    if importlib.util.find_spec("sklearn") is None:
+        raise ConfigError("trainer.self_label needs scikit-learn (its isotonic regression): pip install scikit-learn")
+
+
+def _self_label_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
+    """``(failed, message)`` for the values of ``trainer.self_label`` (only when it is enabled)."""
+    from calibrl.rl.self_label import LABEL_SIGNALS
+
+    sl, sft = cfg.trainer.self_label, cfg.trainer.sft
+    if not sl.enabled:
+        return []
+    needed = sft.num_examples + sl.num_examples
+    sampled = sl.signal in LABEL_SIGNALS and LABEL_SIGNALS.get(sl.signal).needs_samples
+    return [
+        (not sft.enabled,
+         "trainer.self_label.enabled=true needs trainer.sft.enabled=true (the format must be taught first)"),
+        (not 0 < sl.fit_fraction < 1, f"trainer.self_label.fit_fraction must be in (0, 1), got {sl.fit_fraction}"),
+        (sl.num_examples < 4, f"trainer.self_label.num_examples must be >= 4, got {sl.num_examples}"),
+        (sampled and sl.n_samples < 2,
+         f"trainer.self_label.signal={sl.signal} needs trainer.self_label.n_samples >= 2, got {sl.n_samples}"),
+        (sl.epochs < 1, f"trainer.self_label.epochs must be >= 1, got {sl.epochs}"),
+        (sl.batch_size < 1, f"trainer.self_label.batch_size must be >= 1, got {sl.batch_size}"),
+        (not 0 <= sl.warmup_ratio <= 1, f"trainer.self_label.warmup_ratio must be in [0, 1], got {sl.warmup_ratio}"),
+        (needed > cfg.data.train_size,
+         f"trainer.sft.num_examples={sft.num_examples} + trainer.self_label.num_examples={sl.num_examples} = {needed} "
+         f"training examples, more than data.train_size={cfg.data.train_size} (the self-label questions come after "
+         "the SFT demonstrations)"),
+    ]
 
 
 def _value_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
@@ -106,7 +160,7 @@ def _value_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
         ("data.train_size", 1),
     ):
         checks.append((OmegaConf.select(cfg, key) < low, f"{key} must be >= {low}, got {OmegaConf.select(cfg, key)}"))
-    return checks
+    return checks + _self_label_problems(cfg)
 
 
 def _check_paths(cfg: DictConfig) -> None:
