@@ -18,7 +18,7 @@ every well-formed rollout, before the update, and logs the *expected stated conf
     scoring rules (weights from ``reward.weights``) under the grid distribution ``p_m`` against
     the target ``t_m`` (:func:`calibrl.objectives.calibration.expected_score`), M the number of
     well-formed rollouts of the step (all ranks). It is added to the policy loss of the
-    micro-batch that holds the rollout.
+    micro-batch that holds the rollout (its gradient joins theirs).
 
 ``branch`` (the answer fixed, as Rewarding Doubt, arXiv:2503.02623)
     The same GRPO reward and masking as ``expected``. For each well-formed rollout, K =
@@ -35,10 +35,13 @@ no calibration loss, keeps its GRPO advantage on every token (its format reward 
 format part is negative on all of them), and its logged calibration score is the scoring rule's
 worst value, never better than any well-formed rollout's (``train/calibration_score``).
 
+Memory: a path's own loss is run and backpropagated in chunks of :data:`CONTEXTS_PER_CHUNK`
+contexts, after the micro-batch's policy-loss backward (gradients add up), so its graph never
+holds more than one chunk.
+
 Limits (refused at start-up, :func:`check_calibration_settings`): ``expected`` and ``branch`` run
-extra forwards whose count differs between ranks, so not under ZeRO-3 (whose forwards gather
-parameters collectively); ``branch`` needs ``algo.ppo_epochs == 1`` (its branches are on-policy
-samples of the step).
+extra forwards and backward calls whose count differs between ranks, so not under DeepSpeed
+yet; ``branch`` needs ``algo.ppo_epochs == 1`` (its branches are on-policy samples of the step).
 """
 
 from __future__ import annotations
@@ -73,7 +76,11 @@ from calibrl.rl.rollout import Rollout, completion_logprobs, sample_from_ids
 if TYPE_CHECKING:
     from calibrl.rl.grpo import GRPOTrainer
 
-__all__ = ["CALIBRATION_PATHS", "CalibrationBatch", "CalibrationPath", "check_calibration_settings", "resolve_grid_step"]
+#: Contexts per forward/backward of a path's own loss: ``expected`` runs V candidates on each, so a
+#: chunk holds ``CONTEXTS_PER_CHUNK * V`` rows (84 for the 0.05 grid) and their expanded KV cache.
+CONTEXTS_PER_CHUNK = 4
+
+__all__ = ["CALIBRATION_PATHS", "CONTEXTS_PER_CHUNK", "CalibrationBatch", "CalibrationPath", "check_calibration_settings", "resolve_grid_step"]
 
 
 @dataclass
@@ -157,9 +164,9 @@ def check_calibration_settings(cfg: Any) -> None:
     if not rules:
         raise ValueError(f"objective.calibration={obj.calibration} needs a scoring rule with a positive weight in "
                          "reward.weights (e.g. reward=rlcr: brier)")
-    if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
-        raise ValueError(f"objective.calibration={obj.calibration} is not supported under ZeRO-3 (its extra "
-                         "forwards differ between ranks); use deepspeed=zero1|zero2")
+    if cfg.deepspeed.enabled:
+        raise ValueError(f"objective.calibration={obj.calibration} is not supported under DeepSpeed yet (its extra "
+                         "forwards and backward calls differ between ranks); run it on one process")
     if path is BranchPath and cfg.algo.ppo_epochs != 1:
         raise ValueError("objective.calibration=branch needs algo.ppo_epochs=1 (branches are on-policy samples)")
     del target
@@ -240,9 +247,26 @@ class CalibrationPath:
                                                      self.rules).numpy()
         return CalibrationBatch(rows, ends, target, expected_confidence=exp_conf, score=score, rollout=rollout)
 
-    def loss(self, batch: CalibrationBatch, rows: torch.Tensor, n_contexts: float) -> torch.Tensor | None:
-        """The calibration loss of the main-rollout ``rows`` of one micro-batch (``None``: none)."""
-        return None
+    def backward(self, batch: CalibrationBatch, rows: torch.Tensor, n_contexts: float) -> float:
+        """Backward of the calibration loss of the main-rollout ``rows`` of one micro-batch, in
+        chunks of :data:`CONTEXTS_PER_CHUNK` contexts (each chunk's graph is freed before the
+        next, so memory stays bounded whatever the micro-batch); returns the loss (0.0: none; NaN:
+        a chunk's loss was not finite, and nothing after it was run)."""
+        return 0.0
+
+    def _chunks(self, batch: CalibrationBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        pos = torch.nonzero(torch.isin(batch.rows, rows)).flatten()  # the contexts of these rows
+        return list(pos.split(CONTEXTS_PER_CHUNK))
+
+    def _backward_chunks(self, batch: CalibrationBatch, rows: torch.Tensor, chunk_loss) -> float:
+        total = 0.0
+        for pos in self._chunks(batch, rows):
+            loss = chunk_loss(pos)
+            if not torch.isfinite(loss):
+                return float("nan")
+            self.t.engine.backward(loss)
+            total += float(loss.detach())
+        return total
 
 
 CALIBRATION_PATHS: Registry[type[CalibrationPath]] = Registry("calibration path")
@@ -259,15 +283,14 @@ class ExpectedPath(CalibrationPath):
 
     replaces_reward = True
 
-    def loss(self, batch, rows, n_contexts):
-        pos = torch.nonzero(torch.isin(batch.rows, rows)).flatten()  # contexts of these rows
-        if pos.numel() == 0:
-            return None
-        probs = self._grid_probs(self.t.policy, self.t.autocast_dtype, batch.rollout, batch.rows[pos],
-                                 batch.ends[pos], grad=True).float()
-        target = torch.as_tensor(batch.target[pos.numpy()], dtype=torch.float32, device=probs.device)
-        e = expected_score(probs, self.grid.values.float(), target, self.rules)
-        return -e.sum() / n_contexts
+    def backward(self, batch, rows, n_contexts):
+        def chunk_loss(pos: torch.Tensor) -> torch.Tensor:
+            probs = self._grid_probs(self.t.policy, self.t.autocast_dtype, batch.rollout, batch.rows[pos],
+                                     batch.ends[pos], grad=True).float()
+            target = torch.as_tensor(batch.target[pos.numpy()], dtype=torch.float32, device=probs.device)
+            return -expected_score(probs, self.grid.values.float(), target, self.rules).sum() / n_contexts
+
+        return self._backward_chunks(batch, rows, chunk_loss)
 
 
 @CALIBRATION_PATHS.register("branch")
@@ -308,20 +331,19 @@ class BranchPath(CalibrationPath):
         (batch.branch_tokens,) = all_reduce_sum([float(branch.completion_mask.sum())])
         return batch
 
-    def loss(self, batch, rows, n_contexts):
+    def backward(self, batch, rows, n_contexts):
         if batch.branch is None:
-            return None
-        pos = torch.nonzero(torch.isin(batch.rows, rows)).flatten()
-        if pos.numel() == 0:
-            return None
-        k = self.t.objective.branches
-        sel = (pos[:, None] * k + torch.arange(k)[None]).flatten()
-        sub = batch.branch.select(sel)
-        logp = self.t._logprobs(self.t.policy, sub, grad=True)
-        mask = sub.completion_mask.to(logp.device)
-        adv = batch.branch_adv[sel].to(logp.device)[:, None].expand_as(logp)
-        a = self.t.algo
-        res = clipped_policy_loss(logp, logp.detach(), adv, mask, clip_low=a.clip_low, clip_high=a.clip_high,
-                                  n_tokens=batch.branch_tokens, n_seqs=float(len(batch.rows)), agg="token_mean",
-                                  max_len=self.t.objective.branch_max_new_tokens, beta=0.0)
-        return res.loss
+            return 0.0
+        k, a = self.t.objective.branches, self.t.algo
+
+        def chunk_loss(pos: torch.Tensor) -> torch.Tensor:
+            sel = (pos[:, None] * k + torch.arange(k)[None]).flatten()
+            sub = batch.branch.select(sel)
+            logp = self.t._logprobs(self.t.policy, sub, grad=True)
+            mask = sub.completion_mask.to(logp.device)
+            adv = batch.branch_adv[sel].to(logp.device)[:, None].expand_as(logp)
+            return clipped_policy_loss(logp, logp.detach(), adv, mask, clip_low=a.clip_low, clip_high=a.clip_high,
+                                       n_tokens=batch.branch_tokens, n_seqs=float(len(batch.rows)), agg="token_mean",
+                                       max_len=self.t.objective.branch_max_new_tokens, beta=0.0).loss
+
+        return self._backward_chunks(batch, rows, chunk_loss)

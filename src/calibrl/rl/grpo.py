@@ -350,7 +350,8 @@ class GRPOTrainer:
         grad norm)`` of this rank. A non-finite micro-batch loss (one process) skips its backward
         and the step: gradients zeroed, loss and grad norm NaN. With a calibration batch ``cal``,
         the calibration path's loss of the micro-batch's rows (``active``: ``sub``'s rows in the
-        rollout) is added to the micro-batch's loss; its sum is kept in ``self.calibration_loss``."""
+        rollout) is backpropagated after the micro-batch's (chunked, gradients add up); its sum is
+        kept in ``self.calibration_loss``; a non-finite one skips the step like a non-finite loss."""
         a, world, mbs = self.algo, self.dist.world_size, self.trainer_cfg.micro_batch_size
         self.engine.zero_grad()
         loss_sum = clipped = kl_sum = 0.0
@@ -364,11 +365,6 @@ class GRPOTrainer:
                 n_tokens=n_tokens, n_seqs=n_seqs, agg=a.loss_agg, max_len=a.max_new_tokens, beta=a.beta,
                 ref_logp=ref[k] if ref is not None else None,
             )
-            if cal is not None and active is not None:
-                aux = self.calibration.loss(cal, active[c], n_contexts)
-                if aux is not None:
-                    res = replace(res, loss=res.loss + aux.to(res.loss.device))
-                    self.calibration_loss += float(aux.detach())
             if not self.engine.collective and not torch.isfinite(res.loss):
                 # Its backward would only put NaN into every gradient: skip it and the step.
                 # (A collective engine must run every micro-batch; its step() raises instead.)
@@ -376,6 +372,12 @@ class GRPOTrainer:
                 return math.nan, clipped, kl_sum, math.nan
             # DeepSpeed averages gradients over ranks; the loss is normalised globally, so x W
             self.engine.backward(res.loss * world if world > 1 else res.loss)
+            if cal is not None and active is not None:  # the calibration path's loss (one process)
+                aux = self.calibration.backward(cal, active[c], n_contexts)
+                if not math.isfinite(aux):
+                    self.engine.zero_grad()
+                    return math.nan, clipped, kl_sum, math.nan
+                self.calibration_loss += aux
             loss_sum += float(res.loss.detach())
             clipped += float(res.clipped_tokens)
             kl_sum += float(res.kl_sum)
