@@ -208,9 +208,110 @@ def test_run_directory_without_a_saved_model(tiny_run, tmp_path):
         (["checkpoint=tiny", "data.task=bogus", "eval_sets=none"], "unknown reasoning-gym task 'bogus'"),
         (["checkpoint=tiny", "eval_sets.products.eval_size=0"], "eval_size must be >= 1"),
         (["checkpoint=tiny", "evl.n_samples=2"], "unknown config key 'evl'. Did you mean eval?"),
+        (["checkpoint=tiny", "eval.grid_step=0.03"], "eval.grid_step: confidence grid step 0.03 does not divide 1"),
     ],
 )
 def test_errors_are_one_clear_line(args, message, tmp_path):
     proc = _eval_cli(*args, f"hydra.run.dir={tmp_path}", "logger.mode=disabled")
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- expected confidence
+
+# Scripted item j of a local set (question "ITEM-j", reference 5): its answer and the model's
+# distribution over the grid [0, 0.5, 1] at its <confidence> tag. Expected confidences 1.0, 0.55,
+# 0.25, 0.9 for right, right, wrong, wrong; item 4 writes no confidence (not well formed).
+ITEMS = {0: ("5", [0.0, 0.0, 1.0]), 1: ("5", [0.2, 0.5, 0.3]), 2: ("6", [0.5, 0.5, 0.0]),
+         3: ("6", [0.0, 0.2, 0.8]), 4: ("5", None)}
+
+
+def _item(tok, prompt_ids) -> int:
+    import re
+
+    return int(re.search(r"ITEM-(\d)", tok.decode(prompt_ids, skip_special_tokens=True)).group(1))
+
+
+def _scripted_eval(monkeypatch, tmp_path, *overrides: str) -> tuple[Path, list[int]]:
+    """calibrl-eval, in process, on the tiny model and the ITEMS set: generation writes the
+    scripted completions (real token ids), the grid forward returns the scripted distributions
+    (with half the mass off the grid, which the renormalisation drops). Returns the output
+    directory and the item of every context the grid was asked for."""
+    import torch
+
+    from calibrl.eval import evaluator, signals
+    from calibrl.eval.job import run_eval_job
+    from calibrl.rl.rollout import Rollout
+
+    def generate_rollout(model, tok, prompts, group_size, **kwargs):
+        tokenizer[:] = [tok]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        rows = []
+        for ids in enc.input_ids:
+            answer, probs = ITEMS[_item(tok, ids)]
+            text = f"<think>ok</think><answer>{answer}</answer>" + ("<confidence>0.50</confidence>" if probs else "")
+            rows.append(tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id])
+        width = max(map(len, rows))
+        comp = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+        texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
+        return Rollout(enc.input_ids, enc.attention_mask, comp, mask, texts, torch.arange(len(prompts)))
+
+    asked: list[int] = []
+    tokenizer = []  # the one generation was given
+
+    def grid_logprobs(model, rollout, rows, ends, candidates, pad_id):
+        assert len(candidates) == 3  # eval.grid_step=0.5
+        (tok,) = tokenizer
+        out = []
+        for i, k in zip(rows.tolist(), ends.tolist()):
+            assert tok.decode(rollout.completion_ids[i, :k]).endswith("<confidence>")
+            asked.append(_item(tok, rollout.prompt_ids[i]))
+            out.append(torch.log(0.5 * torch.tensor(ITEMS[asked[-1]][1])))
+        return torch.stack(out)
+
+    monkeypatch.setattr(evaluator, "generate_rollout", generate_rollout)
+    monkeypatch.setattr(signals, "grid_logprobs", grid_logprobs)
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"question": f"ITEM-{j}", "answer": "5"}) + "\n" for j in ITEMS))
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["model=tiny", "data=jsonl", f"data.path={data}",
+                                         f"data.eval_size={len(ITEMS)}", "eval_sets=none", "logger.mode=disabled",
+                                         "eval.n_bootstrap=0", *overrides])
+    out = tmp_path / "out"
+    run_eval_job(cfg, out)
+    return out, asked
+
+
+def test_expected_confidence_in_eval_json_predictions_metrics_and_table(monkeypatch, tmp_path, capsys):
+    out, asked = _scripted_eval(monkeypatch, tmp_path, "eval.grid_step=0.5")
+    assert sorted(asked) == [0, 1, 2, 3]  # the malformed item 4 has no context
+    report = json.loads((out / "eval.json").read_text())["datasets"]["custom"]
+    e = report["signals"]["expected_confidence"]
+    # By hand (as in test_evaluator): mean 0.675, Brier 1.075 / 4, ECE 0.4, AUROC 3/4.
+    assert e["n"] == 4 and report["signals"]["verbalized"]["n"] == 4
+    assert e["confidence_mean"]["value"] == pytest.approx(0.675)
+    assert e["brier"]["value"] == pytest.approx(0.26875)
+    assert e["ece"]["value"] == pytest.approx(0.4)
+    assert e["auroc"]["value"] == pytest.approx(0.75)
+    preds = {p["question"]: p for p in _records(out / "predictions.jsonl")}
+    got = {j: preds[f"ITEM-{j}"]["expected_confidence"] for j in ITEMS}
+    assert got[4] is None
+    assert [got[j] for j in range(4)] == pytest.approx([1.0, 0.55, 0.25, 0.9])
+    (record,) = _records(out / "metrics.jsonl")
+    assert record["eval/custom/expected_confidence/ece"] == pytest.approx(0.4)
+    assert record["eval/custom/expected_confidence/auroc"] == pytest.approx(0.75)
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if "expected_confidence" in line)
+    # signal | n | ece | brier | auroc | aurc | confident_error_rate | confidence_mean
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    assert cells[:3] == ["expected_confidence", "4", "0.400"] and cells[4] == "0.750" and cells[7] == "0.675"
+    assert (out / "plots" / "custom_reliability.png").is_file()  # a panel per signal, this one too
+
+
+def test_no_expected_confidence_without_a_grid(monkeypatch, tmp_path):
+    out, asked = _scripted_eval(monkeypatch, tmp_path, "eval.grid_step=null", "eval.intrinsic=false", "plots=false")
+    assert asked == []
+    report = json.loads((out / "eval.json").read_text())["datasets"]["custom"]
+    assert set(report["signals"]) == {"verbalized"}
+    assert all(p["expected_confidence"] is None for p in _records(out / "predictions.jsonl"))

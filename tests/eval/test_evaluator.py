@@ -11,12 +11,12 @@ from calibrl.config import EvalConfig
 from calibrl.eval.evaluator import EvalResult, _summarize, check_eval_config
 
 
-def _row(qid, sample, answer, conf, correct, ok=True, slice_="a", ap=None, lw=None, terms=2):
+def _row(qid, sample, answer, conf, correct, ok=True, slice_="a", ap=None, lw=None, terms=2, ec=None):
     return {
         "dataset": "d", "id": qid, "sample": sample, "slice": slice_, "fields": {"num_terms": terms},
         "question": "?", "reference": "1", "completion": "...", "answer": answer, "format_ok": ok,
         "error": None if ok else "no confidence tag", "correct": correct, "confidence": conf if ok else None,
-        "answer_prob": ap, "lowest_window_prob": lw,
+        "answer_prob": ap, "lowest_window_prob": lw, "expected_confidence": ec,
     }
 
 
@@ -117,11 +117,54 @@ def test_bootstrap_cis_are_seeded():
         ({"ci_level": 1.0}, "eval.ci_level"),
         ({"n_bootstrap": -1}, "eval.n_bootstrap"),
         ({"batch_size": 0}, "eval.batch_size"),
+        ({"grid_step": 0.03},
+         r"^eval.grid_step: confidence grid step 0.03 does not divide 1 .*; null: no expected confidence$"),
+        ({"grid_step": 0.125}, "eval.grid_step: confidence grid step 0.125 cannot be written with 2 decimals"),
+        ({"grid_step": 0.0}, r"eval.grid_step: confidence grid step must be in \(0, 1\]"),
     ],
 )
 def test_invalid_settings_name_the_key(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         check_eval_config(EvalConfig(**kwargs))
+    assert "\n" not in str(err.value)
+
+
+def test_grid_step_null_turns_the_expected_confidence_off():
+    check_eval_config(EvalConfig(grid_step=None, seed=0))
+    check_eval_config(EvalConfig(grid_step=1, seed=0))
+
+
+def test_expected_confidence_metrics_by_hand():
+    # Expected confidences (1.0, 0.55, 0.25, 0.9) of right, right, wrong, wrong answers, and a
+    # malformed row whose 0.3 is ignored (the verbalized row policy), as are rows without a value.
+    rows = [
+        _row("q1", 0, "A", 0.5, 1, ec=1.0),
+        _row("q2", 0, "A", 0.5, 1, ec=0.55),
+        _row("q3", 0, "B", 0.5, 0, ec=0.25),
+        _row("q4", 0, "B", 0.5, 0, ec=0.9),
+        _row("q5", 0, "C", None, 0, ok=False, ec=0.3),
+        _row("q6", 0, "A", 0.5, 1, ec=None),
+    ]
+    report = _summarize(rows, EvalConfig(n_bootstrap=0, seed=0), "d")
+    e = report["signals"]["expected_confidence"]
+    assert e["n"] == 4 and report["signals"]["verbalized"]["n"] == 5
+    # mean (1 + 0.55 + 0.25 + 0.9) / 4 = 0.675; Brier (0 + 0.45^2 + 0.25^2 + 0.9^2) / 4 = 1.075 / 4.
+    assert e["confidence_mean"]["value"] == pytest.approx(0.675)
+    assert e["brier"]["value"] == pytest.approx(0.26875)
+    # ECE, 10 bins: one row per bin, so the mean of |correct - q| = (0 + 0.45 + 0.25 + 0.9) / 4 = 0.4.
+    assert e["ece"]["value"] == pytest.approx(0.4)
+    # AUROC: right {1.0, 0.55} over wrong {0.25, 0.9}: 3 of the 4 pairs ordered -> 0.75.
+    assert e["auroc"]["value"] == pytest.approx(0.75)
+    s = EvalResult("d", rows, report).scalars()
+    assert s["expected_confidence/ece"] == pytest.approx(0.4) and s["expected_confidence/auroc"] == pytest.approx(0.75)
+    assert s["expected_confidence/confidence_mean"] == pytest.approx(0.675)
+
+
+def test_rows_without_the_signal_leave_it_out():
+    # prediction rows written before expected_confidence existed have no such key
+    rows = [{k: v for k, v in r.items() if k != "expected_confidence"} for r in ROWS]
+    report = _summarize(rows, _eval_config(), "d")
+    assert "expected_confidence" not in report["signals"] and "answer_prob" in report["signals"]
 
 
 def test_composed_eval_group_is_the_settings_type():

@@ -14,6 +14,7 @@ from calibrl.eval.signals import (
     SIGNALS,
     answer_probability,
     confidence_signals,
+    expected_stated_confidence,
     lowest_window_probability,
     reasoning_end,
 )
@@ -21,9 +22,12 @@ from calibrl.rewards.spans import span_tokens, token_char_ends
 from calibrl.models import load_policy
 from calibrl.data.format import CompletionFormat
 from calibrl.rewards.parsing import parse_completion
+from calibrl.rl.confidence_grid import ConfidenceGrid
 from calibrl.rl.rollout import Rollout, completion_logprobs, generate_rollout
 
 LP = [-1.0, -2.0, -3.0, -1.0]
+# What confidence_signals returns (expected_confidence has a forward of its own).
+TOKEN_SIGNALS = ("verbalized", "answer_prob", "lowest_window_prob")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +208,9 @@ def test_token_char_ends_match_generated_texts(tiny):
         assert ends == sorted(ends) and ends[-1] == len(r.texts[i])
     # random tokens never form the format: no answer span, so both intrinsic signals are NaN
     out = confidence_signals(model, tok, r, [parse_completion(t) for t in r.texts], CompletionFormat())
-    assert all(np.isnan(out[name]).all() for name in SIGNALS)
+    assert all(np.isnan(out[name]).all() for name in TOKEN_SIGNALS)
+    assert np.isnan(expected_stated_confidence(model, tok, r, [parse_completion(t) for t in r.texts],
+                                               ConfidenceGrid(0.1))).all()
 
 
 # --------------------------------------------------------------------------- confidence_signals
@@ -243,7 +249,7 @@ def test_confidence_signals_end_to_end(tiny):
     parsed = [parse_completion(t) for t in rollout.texts]
     assert [p.format_ok for p in parsed] == [True, False, False] and parsed[1].answer == "7"
     out = confidence_signals(model, tok, rollout, parsed, CompletionFormat(), window=WINDOW)
-    assert set(out) == set(SIGNALS) and all(v.shape == (3,) and v.dtype == np.float64 for v in out.values())
+    assert set(out) == set(TOKEN_SIGNALS) and all(v.shape == (3,) and v.dtype == np.float64 for v in out.values())
 
     with torch.no_grad():
         lp = completion_logprobs(model, rollout, share_prefix=True).double().numpy()
@@ -277,7 +283,7 @@ def test_confidence_signals_micro_batches_autocast_and_mode(tiny):
         assert model.training  # mode restored
     finally:
         model.eval()
-    for name in SIGNALS:
+    for name in TOKEN_SIGNALS:
         np.testing.assert_allclose(single[name], full[name], rtol=1e-5)  # NaNs in the same places
     bf16 = confidence_signals(model, tok, rollout, parsed, fmt, window=WINDOW, autocast_dtype=torch.bfloat16)
     assert not model.training
@@ -300,3 +306,65 @@ def test_confidence_signals_rejects_bad_input(tiny):
     rollout.texts[0] = " " + rollout.texts[0]  # offsets would no longer match the tokens
     with pytest.raises(ValueError, match=r"texts\[0\] is not the decode"):
         confidence_signals(model, tok, rollout, [parse_completion(t) for t in rollout.texts], fmt)
+
+
+# --------------------------------------------------------------------------- expected_stated_confidence
+
+
+def test_signal_names():
+    assert SIGNALS == (*TOKEN_SIGNALS, "expected_confidence")
+
+
+def test_expected_stated_confidence_is_the_grid_mean(tiny):
+    model, tok = tiny
+    rollout, n_tok = _hand_rollout(tok)
+    parsed = [parse_completion(t) for t in rollout.texts]
+    grid = ConfidenceGrid(0.25)
+    got = expected_stated_confidence(model, tok, rollout, parsed, grid)
+    assert got.shape == (3,) and got.dtype == np.float64
+    # only row 0 is well formed (like `verbalized`); its context is every piece before the
+    # confidence text "0.5</confidence>": the think, answer tag and "12" pieces and the tokens of
+    # "</answer><confidence>" ('</', 'answer', '><', 'confidence', '>').
+    assert np.isnan(got[1:]).all()
+    k = sum(n_tok[0][:3]) + 5
+    assert tok.decode(rollout.completion_ids[0, :k]).endswith("</answer><confidence>")
+    prompt = rollout.prompt_ids[0][rollout.prompt_mask[0].bool()]
+    logp = []
+    with torch.no_grad():
+        for cand in grid.token_ids(tok):  # plain forward of [prompt | completion[:k] | candidate]
+            seq = torch.cat([prompt, rollout.completion_ids[0, :k], torch.tensor(cand)])
+            lp = torch.log_softmax(model(input_ids=seq[None]).logits[0].double(), dim=-1)
+            logp.append(sum(float(lp[len(seq) - len(cand) + j - 1, t]) for j, t in enumerate(cand)))
+    p = np.exp(np.array(logp) - max(logp))
+    p /= p.sum()  # renormalised over the 5 grid values
+    assert got[0] == pytest.approx(float(p @ np.array([0.0, 0.25, 0.5, 0.75, 1.0])), abs=1e-5)
+
+
+def test_expected_stated_confidence_micro_batches_autocast_and_mode(tiny):
+    model, tok = tiny
+    rollout, _ = _hand_rollout(tok)
+    # two well-formed rows: row 1 with a number for a confidence as well
+    rollout.texts[1] = rollout.texts[1].replace("lots", "0.7")
+    rows = [r[m == 1].tolist() for r, m in zip(rollout.completion_ids, rollout.completion_mask)]
+    rows[1] = tok(rollout.texts[1], add_special_tokens=False).input_ids
+    width = max(map(len, rows))
+    rollout.completion_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    rollout.completion_mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    parsed = [parse_completion(t) for t in rollout.texts]
+    assert [p.format_ok for p in parsed] == [True, True, False]
+    grid = ConfidenceGrid(0.1)
+    full = expected_stated_confidence(model, tok, rollout, parsed, grid)
+    model.train()
+    try:
+        single = expected_stated_confidence(model, tok, rollout, parsed, grid, micro_batch_size=1)
+        assert model.training  # mode restored
+    finally:
+        model.eval()
+    assert np.isfinite(full[:2]).all() and np.isnan(full[2]) and ((full[:2] >= 0) & (full[:2] <= 1)).all()
+    np.testing.assert_allclose(single, full, rtol=1e-5)
+    bf16 = expected_stated_confidence(model, tok, rollout, parsed, grid, autocast_dtype=torch.bfloat16)
+    np.testing.assert_allclose(bf16, full, atol=0.05)
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
+        expected_stated_confidence(model, tok, rollout, parsed, grid, micro_batch_size=0)
+    with pytest.raises(ValueError, match="2 parses for 3 completions"):
+        expected_stated_confidence(model, tok, rollout, parsed[:2], grid)

@@ -5,15 +5,20 @@ One evaluator serves both the in-training evals (``trainer.eval_every``, and bef
 
 Per eval set, ``n_samples`` completions per question are generated (greedy when ``n_samples=1``
 and ``do_sample=false``), parsed and verified exactly as in training
-(:func:`calibrl.rewards.scoring.score_completions`). Three confidence signals are reported side by side
+(:func:`calibrl.rewards.scoring.score_completions`). Four confidence signals are reported side by side
 (:mod:`calibrl.eval.signals`): the stated (``verbalized``) confidence, the answer-token
 probability (``answer_prob``) and the lowest sliding-window probability over the reasoning
 (``lowest_window_prob``), so a user sees whether training changed what the model *says* or
-what it *knows*.
+what it *knows*; and the expected stated confidence over the confidence grid
+(``expected_confidence``, with ``eval.grid_step`` set), which shows the stated-confidence
+distribution moving before its greedy mode does. ``eval.intrinsic=false`` drops the two
+token-probability signals, ``eval.grid_step=null`` the expected one.
 
 Row policy: ``accuracy`` and ``format_rate`` are over all samples (a format failure is wrong).
 Calibration metrics of every signal are over the well-formed samples (the only ones that state a
-confidence) where that signal is defined, so the signals are compared on the same rows.
+confidence) where that signal is defined, so the signals are compared on the same rows (up to
+rows where a signal is undefined, e.g. ``expected_confidence`` on a row whose ``<confidence>`` tag
+does not end on a token boundary; each signal's ``n`` counts its rows).
 
 Report layout (``EvalResult.report``, written to ``eval.json`` by ``calibrl-eval`` as strict JSON,
 undefined values as ``null``, see :func:`report_json`); every metric is
@@ -34,9 +39,10 @@ unanswerable one), so it counts in ``accuracy`` and in the calibration metrics l
 Flat scalars (``EvalResult.scalars()``, logged as ``eval/<dataset>/<key>``): ``accuracy``,
 ``format_rate``, ``overconfidence`` (mean stated confidence minus accuracy, well-formed rows), every
 verbalized metric under its own name (``ece``, ``brier``, ``auroc``, ``confidence_mean``, ...), the
-other signals as ``<signal>/<metric>``, per slice ``slice/<label>/<metric>`` (field ``slice``) or
-``slice/<field>=<label>/<metric>`` with ``count``, ``accuracy`` and the verbalized metrics, and
-per voting method ``vote/<method>/<metric>``, and ``abstain/<key>``.
+other signals as ``<signal>/<metric>`` (``answer_prob/auroc``, ``expected_confidence/ece``, ...),
+per slice ``slice/<label>/<metric>`` (field ``slice``) or ``slice/<field>=<label>/<metric>`` with
+``count``, ``accuracy`` and the verbalized metrics, and per voting method
+``vote/<method>/<metric>``, and ``abstain/<key>``.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import numpy as np
 import torch
 
 from calibrl.config import EvalConfig
-from calibrl.eval.signals import SIGNALS, confidence_signals
+from calibrl.eval.signals import SIGNALS, confidence_signals, expected_stated_confidence
 from calibrl.data.prompts import PromptBuilder
 from calibrl.data.example import Example
 from calibrl.device import module_device
@@ -60,6 +66,7 @@ from calibrl.distributed import DistInfo, gather_objects
 from calibrl.metrics import abstention_metrics, bootstrap_ci, metric_report, scalar_metrics
 from calibrl.metrics.voting import VOTING_METHODS, aggregate
 from calibrl.rewards import RewardFunction
+from calibrl.rl.confidence_grid import ConfidenceGrid
 from calibrl.rl.rollout import generate_rollout
 from calibrl.rewards.scoring import score_completions
 
@@ -95,6 +102,11 @@ def check_eval_config(settings: EvalConfig) -> None:
     for failed, message in problems:
         if failed:
             raise ValueError(message)
+    if s.grid_step is not None:
+        try:
+            ConfidenceGrid(s.grid_step)
+        except ValueError as err:
+            raise ValueError(f"eval.grid_step: {err}; null: no expected confidence") from err
 
 
 @dataclass
@@ -135,10 +147,11 @@ class EvalResult:
 def _batch_rows(
     model: Any, tokenizer: Any, prompts: PromptBuilder, batch: list[Example],
     score: Callable[[list[str], list[Example]], tuple[list[Any], Any]], settings: EvalConfig, dataset: str,
-    autocast_dtype: torch.dtype | None,
+    autocast_dtype: torch.dtype | None, grid: ConfidenceGrid | None,
 ) -> list[dict[str, Any]]:
     """Prediction rows of one batch of questions: ``len(batch) * n_samples`` rows, question by
-    question; ``score(texts, examples)`` parses, verifies and rewards the completions."""
+    question; ``score(texts, examples)`` parses, verifies and rewards the completions; the
+    expected confidence is computed over ``grid`` (NaN without one)."""
     rollout = generate_rollout(
         model,
         tokenizer,
@@ -152,13 +165,13 @@ def _batch_rows(
     )
     per_sample = [e for e in batch for _ in range(settings.n_samples)]  # rollout rows: group by group
     parsed, rewards = score(rollout.texts, per_sample)
-    nan = np.full(len(rollout), np.nan)
-    signals = (
-        confidence_signals(model, tokenizer, rollout, parsed, prompts.fmt, window=settings.window,
-                           autocast_dtype=autocast_dtype)
-        if settings.intrinsic
-        else {"verbalized": rewards.confidence, "answer_prob": nan, "lowest_window_prob": nan}
-    )
+    signals = {name: np.full(len(rollout), np.nan) for name in SIGNALS} | {"verbalized": rewards.confidence}
+    if settings.intrinsic:
+        signals |= confidence_signals(model, tokenizer, rollout, parsed, prompts.fmt, window=settings.window,
+                                      autocast_dtype=autocast_dtype)
+    if grid is not None:
+        signals["expected_confidence"] = expected_stated_confidence(
+            model, tokenizer, rollout, parsed, grid, prompts.fmt, autocast_dtype=autocast_dtype)
     return [
         {
             "dataset": dataset, "id": e.id, "sample": i % settings.n_samples, "slice": e.slice,
@@ -180,9 +193,10 @@ def _finite_or_none(x: float) -> float | None:
 
 def signal_values(rows: Sequence[dict[str, Any]], signal: str) -> np.ndarray:
     """float ``[len(rows)]``: the ``signal`` (a name in :data:`~calibrl.eval.signals.SIGNALS`)
-    of every prediction row, NaN where the row is not well-formed or the signal is undefined."""
+    of every prediction row, NaN where the row is not well-formed or the signal is undefined (or
+    missing: a row written before the signal existed)."""
     key = "confidence" if signal == "verbalized" else signal
-    return np.array([np.nan if r[key] is None or not r["format_ok"] else r[key] for r in rows], dtype=np.float64)
+    return np.array([np.nan if r.get(key) is None or not r["format_ok"] else r[key] for r in rows], dtype=np.float64)
 
 
 def _mean_ci(values: np.ndarray, name: str, settings: EvalConfig) -> dict[str, float]:
@@ -332,13 +346,14 @@ def evaluate(
         return score_completions(texts, per_sample, is_correct, reward_fn, prompts.fmt)
 
     mine, rows = examples[dist.rank :: dist.world_size], []
+    grid = None if settings.grid_step is None else ConfidenceGrid.for_format(settings.grid_step, prompts.fmt)
     device = module_device(model)
     # on a GPU, sampling draws from the CUDA generator: fork it too
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(settings.seed)
         for start in range(0, len(mine), settings.batch_size):
             batch = list(mine[start : start + settings.batch_size])
-            rows += _batch_rows(model, tokenizer, prompts, batch, score, settings, dataset, autocast_dtype)
+            rows += _batch_rows(model, tokenizer, prompts, batch, score, settings, dataset, autocast_dtype, grid)
             if progress:
                 progress(len(batch))
     if dist.world_size > 1:

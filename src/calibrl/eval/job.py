@@ -193,7 +193,8 @@ def _plots(result: EvalResult, settings: EvalConfig, plot_dir: Path) -> dict[str
 
     correct = np.array([r["correct"] for r in result.predictions], dtype=np.float64)
     panels = {}
-    for signal, label in zip(SIGNALS, ("verbalized", "answer-token prob.", "lowest-window prob.")):
+    labels = ("verbalized", "answer-token prob.", "lowest-window prob.", "expected stated conf.")
+    for signal, label in zip(SIGNALS, labels, strict=True):
         q = signal_values(result.predictions, signal)
         keep = np.isfinite(q)
         if keep.any():

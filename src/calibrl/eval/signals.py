@@ -1,6 +1,6 @@
 """Model-intrinsic confidence signals, side by side with the stated (verbalized) confidence.
 
-For every completion, three numbers (see :data:`SIGNALS`):
+For every completion, four numbers (see :data:`SIGNALS`):
 
 - ``verbalized``: the confidence the model wrote, as parsed (NaN unless ``format_ok``).
 - ``answer_prob``: geometric mean of the probabilities of the tokens that cover the answer
@@ -11,10 +11,18 @@ For every completion, three numbers (see :data:`SIGNALS`):
   sliding windows of ``window`` consecutive tokens of the mean token log-prob, reported as
   ``exp`` of that minimum. DeepConf's token confidence is the negative mean log-prob of the
   top-k candidate tokens; this module uses the log-prob of the token actually generated.
+- ``expected_confidence``: the *expected* stated confidence ``sum_v p(v) v`` over the grid
+  ``0, step, ..., 1`` (:mod:`calibrl.rl.confidence_grid`): ``p`` is the model's distribution over
+  the confidences it could write at its ``<confidence>`` tag, teacher forced and renormalised
+  over the grid (mass on anything else, e.g. another number of decimals, is dropped). Greedy
+  decoding states (close to) the mode of ``p``; this is its mean, so it moves as soon as ``p``
+  does, before the mode flips (ConfTuner, arXiv:2508.18847, reads the same distribution). Same NaN policy as ``verbalized`` (NaN unless ``format_ok``), and also NaN
+  where no token boundary falls right after the tag
+  (:func:`calibrl.rl.confidence_grid.confidence_contexts`).
 
-Both intrinsic signals use the policy's per-token log-probs of its own completion tokens under
-the raw distribution (temperature 1, no top-p), whatever temperature the completions were
-sampled at: :func:`calibrl.rl.rollout.completion_logprobs` takes the plain log-softmax.
+The intrinsic signals use the policy's log-probs under the raw distribution (temperature 1, no
+top-p), whatever temperature the completions were sampled at:
+:func:`calibrl.rl.rollout.completion_logprobs` takes the plain log-softmax.
 
 Tokens are mapped to characters of the completion text (where :class:`ParsedCompletion` spans
 live) by :func:`calibrl.rewards.spans.token_char_ends`, which decodes prefixes the way
@@ -35,17 +43,25 @@ from calibrl.device import autocast, module_device
 from calibrl.data.format import CompletionFormat
 from calibrl.rewards.parsing import ParsedCompletion
 from calibrl.rewards.spans import check_ends, span_tokens, token_char_ends
+from calibrl.rl.confidence_grid import (
+    ConfidenceGrid,
+    confidence_contexts,
+    expected_confidence,
+    grid_distribution,
+    grid_logprobs,
+)
 from calibrl.rl.rollout import Rollout, completion_logprobs
 
 __all__ = [
     "SIGNALS",
     "answer_probability",
     "confidence_signals",
+    "expected_stated_confidence",
     "lowest_window_probability",
     "reasoning_end",
 ]
 
-SIGNALS = ("verbalized", "answer_prob", "lowest_window_prob")
+SIGNALS = ("verbalized", "answer_prob", "lowest_window_prob", "expected_confidence")
 
 # log-softmax in float32 can land a hair above 0 for a token of probability ~1; anything above
 # this is not a log-probability at all.
@@ -169,7 +185,8 @@ def confidence_signals(
     autocast_dtype: torch.dtype | None = None,
     micro_batch_size: int = 32,
 ) -> dict[str, np.ndarray]:
-    """Verbalized, answer-token and lowest-window confidence of every completion of a rollout.
+    """Verbalized, answer-token and lowest-window confidence of every completion of a rollout
+    (``expected_confidence`` is :func:`expected_stated_confidence`'s, a forward of its own).
 
     The policy's log-probs are computed (``completion_logprobs`` with ``share_prefix=True``, in
     eval mode, no grad, CPU autocast to ``autocast_dtype`` when given) only for the rows that
@@ -188,10 +205,10 @@ def confidence_signals(
         micro_batch_size: rows per forward pass (>= 1).
 
     Returns:
-        ``{name: float64 [N]}`` for each name in :data:`SIGNALS`, values in [0, 1]:
-        ``verbalized`` (NaN unless ``format_ok``), ``answer_prob`` (NaN without an answer span
-        or with an empty one), ``lowest_window_prob`` (NaN without an answer span or without
-        reasoning tokens).
+        ``{name: float64 [N]}`` for ``verbalized``, ``answer_prob`` and ``lowest_window_prob``,
+        values in [0, 1]: ``verbalized`` (NaN unless ``format_ok``), ``answer_prob`` (NaN without
+        an answer span or with an empty one), ``lowest_window_prob`` (NaN without an answer span
+        or without reasoning tokens).
 
     Raises:
         ValueError: ``len(parsed) != len(rollout)``, ``window < 1``, ``micro_batch_size < 1``,
@@ -204,7 +221,7 @@ def confidence_signals(
         raise ValueError(f"window must be >= 1, got {window}")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    out = {name: np.full(n, math.nan) for name in SIGNALS}
+    out = {name: np.full(n, math.nan) for name in ("answer_prob", "lowest_window_prob")}
     out["verbalized"] = np.array([p.confidence if p.format_ok else math.nan for p in parsed], dtype=np.float64)
     rows = [i for i, p in enumerate(parsed) if p.answer_span is not None]
     was_training = model.training
@@ -225,6 +242,72 @@ def confidence_signals(
                 out["answer_prob"][i] = answer_probability(row_lp, ends, parsed[i].answer_span)
                 end = reasoning_end(rollout.texts[i], parsed[i], fmt)
                 out["lowest_window_prob"][i] = lowest_window_probability(row_lp, ends, end, window)
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def expected_stated_confidence(
+    model: Any,
+    tokenizer: Any,
+    rollout: Rollout,
+    parsed: Sequence[ParsedCompletion],
+    grid: ConfidenceGrid,
+    fmt: CompletionFormat = CompletionFormat(),
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    micro_batch_size: int = 8,
+) -> np.ndarray:
+    """Expected stated confidence ``sum_v p(v) v`` of every completion, over ``grid``.
+
+    At each completion's context (its tokens up to and including the ``<confidence>`` tag,
+    :func:`~calibrl.rl.confidence_grid.confidence_contexts`) the V candidates
+    ``f"{v:.2f}</confidence>"`` are teacher forced (:func:`~calibrl.rl.confidence_grid.grid_logprobs`:
+    the context once, the candidates on its KV cache), their sequence probabilities renormalised
+    over the grid into ``p`` and averaged against the values. In eval mode, no grad, autocast to
+    ``autocast_dtype`` on the model's device (as :func:`confidence_signals`); the model's mode is
+    restored afterwards.
+
+    Cost: per completion one forward of ``prompt + completion[:k]`` and V candidates of ``c``
+    tokens on top of it (V = 21 for step 0.05; c = 7 for SmolLM2, ``0 . 2 5 </ confidence >``),
+    i.e. ``P + k + V c`` token positions, ~150 more than the context for step 0.05. Memory: a
+    forward holds ``micro_batch_size`` contexts, ``micro_batch_size * V`` rows, each with its copy
+    of the context's KV cache (:func:`calibrl.rl.rollout.completion_logprobs` indexes the shared
+    cache out to every row).
+
+    Args:
+        model: the policy (a causal LM, as for ``completion_logprobs``).
+        tokenizer: its tokenizer (the one that produced ``rollout``).
+        rollout: N completions, ``texts`` the decodes of the masked ``completion_ids`` (as
+            ``generate_rollout`` makes them).
+        parsed: ``[N]`` parses of ``rollout.texts``, in order.
+        grid: the confidence grid (:meth:`ConfidenceGrid.for_format` of ``fmt``).
+        fmt: the completion format ``parsed`` was parsed with.
+        autocast_dtype: e.g. ``torch.bfloat16``; ``None`` for full precision.
+        micro_batch_size: contexts per forward (>= 1).
+
+    Returns:
+        float64 ``[N]`` in [0, 1]; NaN where the completion is not well formed (``format_ok``
+        false, as ``verbalized``) or no token boundary falls right after its confidence tag.
+
+    Raises:
+        ValueError: ``len(parsed) != len(rollout)`` or ``micro_batch_size < 1``.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    rows, ends = confidence_contexts(tokenizer, rollout, parsed, fmt)
+    out = np.full(len(rollout), math.nan)
+    candidates = grid.token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        for lo in range(0, len(rows), micro_batch_size):
+            chunk, k = rows[lo : lo + micro_batch_size], ends[lo : lo + micro_batch_size]
+            with autocast(module_device(model), autocast_dtype):
+                lp = grid_logprobs(model, rollout, chunk, k, candidates, tokenizer.pad_token_id)  # [m, V]
+            mean = expected_confidence(grid_distribution(lp).double(), grid.values).cpu().numpy()
+            out[chunk.numpy()] = np.clip(mean, 0.0, 1.0)  # float rounding of sum p = 1
     finally:
         model.train(was_training)
     return out

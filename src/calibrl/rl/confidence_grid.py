@@ -22,8 +22,8 @@ Mass the model puts outside the grid (another number of decimals, a malformed va
 ``p``: the renormalisation conditions on writing a grid value. The format reward keeps that mass
 small.
 
-Costs: V candidates of ``len(tokens("0.25</confidence>"))`` tokens each (8 for SmolLM2: digits are
-single tokens) per completion, on top of one context forward.
+Costs: V candidates of ``len(tokens("0.25</confidence>"))`` tokens each (7 for SmolLM2: digits are
+single tokens, ``0 . 2 5 </ confidence >``) per completion, on top of one context forward.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from calibrl.data.format import CompletionFormat
+from calibrl.device import module_device
 from calibrl.rewards.parsing import ParsedCompletion, parse_confidence
 from calibrl.rewards.spans import token_char_ends
 from calibrl.rl.rollout import Rollout, completion_logprobs
@@ -194,7 +195,7 @@ def grid_logprobs(model: Any, rollout: Rollout, rows: torch.Tensor, ends: torch.
         device; ``[0, V]`` when M is 0.
     """
     if len(rows) == 0:
-        return torch.zeros((0, len(candidates)))
+        return torch.zeros((0, len(candidates)), device=module_device(model))
     grid = _grid_rollout(rollout, rows, ends, candidates, pad_id)
     lp = completion_logprobs(model, grid, share_prefix=share_prefix)  # [M*V, W]
     return lp.sum(dim=1).view(len(rows), len(candidates))
