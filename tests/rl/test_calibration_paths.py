@@ -158,7 +158,7 @@ def test_training_logs_the_expected_confidence(tiny, builder):
         (["objective.calibration=expected", "objective.grid_step=0.125"], "2 decimals"),
         (["objective.calibration=expected", "objective.grid_step=0.1"], "does not match the confidence grid"),
         (["objective.calibration=expected", "reward=rlvr"], "needs a scoring rule"),
-        (["objective.calibration=expected", "deepspeed=zero3"], "ZeRO-3"),
+        (["objective.calibration=expected", "deepspeed=zero2"], "not supported under DeepSpeed"),
         (["objective.calibration=branch", "algo.ppo_epochs=2"], "ppo_epochs=1"),
         (["objective.target=group_accuracy"], "apply to objective.calibration=expected"),
     ],

@@ -36,15 +36,14 @@ def test_grid_values_and_strings(step, values):
     grid = ConfidenceGrid(step)
     assert len(grid) == len(values) and grid.values.dtype == torch.float64
     assert grid.values.tolist() == pytest.approx(values, abs=1e-12)
-    assert grid.strings == [f"{v:.2f}</confidence>" for v in values]
-    assert grid.strings[0] == "0.00</confidence>" and grid.strings[-1] == "1.00</confidence>"
+    assert grid.strings == [f"{v:.2f}" for v in values]
+    assert grid.strings[0] == "0.00" and grid.strings[-1] == "1.00"
 
 
 def test_grid_strings_by_hand_and_for_a_format():
-    assert ConfidenceGrid(0.25).strings == [
-        "0.00</confidence>", "0.25</confidence>", "0.50</confidence>", "0.75</confidence>", "1.00</confidence>"]
+    assert ConfidenceGrid(0.25).strings == ["0.00", "0.25", "0.50", "0.75", "1.00"]
     grid = ConfidenceGrid.for_format(0.5, CompletionFormat(confidence="conf"))
-    assert grid.strings == ["0.00</conf>", "0.50</conf>", "1.00</conf>"]
+    assert grid.strings == ["0.00", "0.50", "1.00"] and grid.close_tag == "</conf>"
 
 
 @pytest.mark.parametrize(
@@ -68,8 +67,8 @@ def test_candidate_token_ids_decode_to_the_strings(tiny):
     grid = ConfidenceGrid(0.05)
     ids = grid.token_ids(tok)
     assert [tok.decode(i) for i in ids] == grid.strings
-    # SmolLM2's digits are single tokens: "0", ".", "2", "5", "</", "confidence", ">"
-    assert {len(i) for i in ids} == {7}
+    # SmolLM2's digits are single tokens: "0", ".", "2", "5"
+    assert {len(i) for i in ids} == {4}
 
 
 # --------------------------------------------------------------------------- confidence_contexts

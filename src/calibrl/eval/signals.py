@@ -270,8 +270,8 @@ def expected_stated_confidence(
     restored afterwards.
 
     Cost: per completion one forward of ``prompt + completion[:k]`` and V candidates of ``c``
-    tokens on top of it (V = 21 for step 0.05; c = 7 for SmolLM2, ``0 . 2 5 </ confidence >``),
-    i.e. ``P + k + V c`` token positions, ~150 more than the context for step 0.05. Memory: a
+    tokens on top of it (V = 21 for step 0.05; c = 4 for SmolLM2, ``0 . 2 5``), i.e.
+    ``P + k + V c`` token positions, 84 more than the context for step 0.05. Memory: a
     forward holds ``micro_batch_size`` contexts, ``micro_batch_size * V`` rows, each with its copy
     of the context's KV cache (:func:`calibrl.rl.rollout.completion_logprobs` indexes the shared
     cache out to every row).

@@ -5,7 +5,7 @@ The tags format writes a confidence as a two-decimal number, ``<confidence>0.25<
 completion up to and including its ``<confidence>`` tag (the *context*), the model puts a
 probability on every way to go on; the *grid* is the set of candidate strings
 
-    ``f"{v:.2f}</confidence>"`` for ``v`` in ``0, step, 2 step, ..., 1``
+    ``f"{v:.2f}"`` for ``v`` in ``0, step, 2 step, ..., 1``
 
 and ``log P(v | context)`` is the sum of the candidate's token log-probs, teacher forced: every
 candidate is run on top of the context's KV cache (the context goes through the model once per
@@ -22,8 +22,8 @@ Mass the model puts outside the grid (another number of decimals, a malformed va
 ``p``: the renormalisation conditions on writing a grid value. The format reward keeps that mass
 small.
 
-Costs: V candidates of ``len(tokens("0.25</confidence>"))`` tokens each (7 for SmolLM2: digits are
-single tokens, ``0 . 2 5 </ confidence >``) per completion, on top of one context forward.
+Costs: V candidates of ``len(tokens("0.25"))`` tokens each (4 for SmolLM2: digits are single
+tokens) per completion, on top of one context forward.
 """
 
 from __future__ import annotations
@@ -59,11 +59,14 @@ class ConfidenceGrid:
     Args:
         step: grid spacing, in (0, 1], a whole number of hundredths (two decimals, as the SFT
             warm-up writes) that divides 1 (e.g. 0.05: 21 values; 0.1: 11; 0.01: 101).
-        close_tag: the closing confidence tag written after each value (``"</confidence>"``).
+        close_tag: the closing confidence tag (``"</confidence>"``; where a sampled confidence ends).
 
     Attributes:
         values: float64 ``[V]``, the grid, ascending, ``values[0] == 0``, ``values[-1] == 1``.
-        strings: ``V`` candidate strings, ``f"{v:.2f}{close_tag}"``.
+        strings: ``V`` candidate strings, ``f"{v:.2f}"``: all four characters long, so none is a
+            prefix of another and the closing tag is not needed to tell them apart (it would cost 3
+            more tokens per candidate for SmolLM2; mass that goes on after two decimals, e.g.
+            ``0.255``, counts with its two-decimal prefix).
 
     Raises:
         ValueError: ``step`` is not finite, not in (0, 1], not a whole number of hundredths, or
@@ -85,7 +88,7 @@ class ConfidenceGrid:
         n = 10**_DECIMALS // hundredths
         self.step = hundredths / 10**_DECIMALS
         self.values = torch.arange(n + 1, dtype=torch.float64) * hundredths / 10**_DECIMALS
-        self.strings = [f"{v:.{_DECIMALS}f}{close_tag}" for v in self.values.tolist()]
+        self.strings = [f"{v:.{_DECIMALS}f}" for v in self.values.tolist()]
         for v in self.values.tolist():
             q, reason = parse_confidence(f"{v:.{_DECIMALS}f}")
             if q is None or abs(q - v) > 1e-12:
