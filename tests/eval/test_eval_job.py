@@ -271,7 +271,7 @@ def _scripted_eval(monkeypatch, tmp_path, *overrides: str) -> tuple[Path, list[i
         return torch.stack(out)
 
     monkeypatch.setattr(evaluator, "generate_rollout", generate_rollout)
-    monkeypatch.setattr(signals, "grid_logprobs", grid_logprobs)
+    monkeypatch.setattr(signals, "grid_logprobs_tree", grid_logprobs)
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps({"question": f"ITEM-{j}", "answer": "5"}) + "\n" for j in ITEMS))
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -4,6 +4,7 @@ expected stated confidence on hand numbers."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -140,14 +141,18 @@ def _plain_candidate_logprob(model, prompt: torch.Tensor, context: torch.Tensor,
     return sum(float(logp[start + j - 1, t]) for j, t in enumerate(candidate))
 
 
-def test_grid_logprobs_equal_a_plain_forward_per_candidate(tiny):
+@pytest.mark.parametrize("tree", [False, True])
+def test_grid_logprobs_equal_a_plain_forward_per_candidate(tiny, tree):
+    from calibrl.rl.confidence_grid import grid_logprobs_tree
+
     model, tok = tiny
     rollout = _rollout(tok)
     rows, ends = confidence_contexts(tok, rollout, [parse_completion(t) for t in rollout.texts], CompletionFormat())
     grid = ConfidenceGrid(0.1)
     candidates = grid.token_ids(tok)
+    fn = grid_logprobs_tree if tree else grid_logprobs
     with torch.no_grad():
-        got = grid_logprobs(model, rollout, rows, ends, candidates, tok.pad_token_id)
+        got = fn(model, rollout, rows, ends, candidates, tok.pad_token_id)
         assert got.shape == (2, 11) and got.dtype == torch.float32 and (got <= 0).all()
         for m, (i, k) in enumerate(zip(rows.tolist(), ends.tolist())):
             prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
@@ -196,3 +201,28 @@ def test_expected_confidence_by_hand():
     # the same from log-probs: softmax renormalises whatever mass lies off the grid
     logp = torch.log(torch.tensor([[0.2, 0.5, 0.3]]) * 0.4)  # 60% of the mass elsewhere
     assert expected_confidence(grid_distribution(logp), values).tolist() == pytest.approx([0.55])
+
+
+def test_the_prefix_tree_forward_equals_the_cache_forward(tiny):
+    """grid_logprobs_tree (one forward, 4-D tree mask) gives grid_logprobs' values and gradients."""
+    from calibrl.rl.confidence_grid import _trie, grid_logprobs_tree
+
+    model, tok = tiny
+    grid = ConfidenceGrid(0.05)
+    cands = grid.token_ids(tok)
+    tokens, parents, depths, paths = _trie(cands)
+    # "0.00".."0.95" share "0", "."; 10 first decimals, 2 second decimals each; "1.00" its own 4
+    assert len(tokens) == 2 + 10 + 20 + 4 and [len(p) for p in paths] == [4] * 21
+    rollout = _rollout(tok)
+    parsed = [parse_completion(t) for t in rollout.texts]
+    rows, ends = confidence_contexts(tok, rollout, parsed, CompletionFormat())
+    m = copy.deepcopy(model)
+    a = grid_logprobs(m, rollout, rows, ends, cands, tok.pad_token_id)
+    a[:, 3].sum().backward()
+    ga = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    b = grid_logprobs_tree(m, rollout, rows, ends, cands, tok.pad_token_id)
+    b[:, 3].sum().backward()
+    assert torch.allclose(a, b, atol=1e-4)
+    for x, y in zip(ga, (p.grad for p in m.parameters())):
+        assert torch.allclose(x, y, atol=1e-4)

@@ -48,7 +48,7 @@ from calibrl.rl.confidence_grid import (
     confidence_contexts,
     expected_confidence,
     grid_distribution,
-    grid_logprobs,
+    grid_logprobs_tree,
 )
 from calibrl.rl.rollout import Rollout, completion_logprobs
 
@@ -263,7 +263,7 @@ def expected_stated_confidence(
 
     At each completion's context (its tokens up to and including the ``<confidence>`` tag,
     :func:`~calibrl.rl.confidence_grid.confidence_contexts`) the V candidates
-    ``f"{v:.2f}</confidence>"`` are teacher forced (:func:`~calibrl.rl.confidence_grid.grid_logprobs`:
+    ``f"{v:.2f}"`` are teacher forced (:func:`~calibrl.rl.confidence_grid.grid_logprobs_tree`:
     the context once, the candidates on its KV cache), their sequence probabilities renormalised
     over the grid into ``p`` and averaged against the values. In eval mode, no grad, autocast to
     ``autocast_dtype`` on the model's device (as :func:`confidence_signals`); the model's mode is
@@ -305,7 +305,7 @@ def expected_stated_confidence(
         for lo in range(0, len(rows), micro_batch_size):
             chunk, k = rows[lo : lo + micro_batch_size], ends[lo : lo + micro_batch_size]
             with autocast(module_device(model), autocast_dtype):
-                lp = grid_logprobs(model, rollout, chunk, k, candidates, tokenizer.pad_token_id)  # [m, V]
+                lp = grid_logprobs_tree(model, rollout, chunk, k, candidates, tokenizer.pad_token_id)  # [m, V]
             mean = expected_confidence(grid_distribution(lp).double(), grid.values).cpu().numpy()
             out[chunk.numpy()] = np.clip(mean, 0.0, 1.0)  # float rounding of sum p = 1
     finally:

@@ -68,7 +68,7 @@ from calibrl.rl.confidence_grid import (
     context_ids,
     expected_confidence,
     grid_distribution,
-    grid_logprobs,
+    grid_logprobs_tree,
 )
 from calibrl.rl.loss import clipped_policy_loss
 from calibrl.rl.rollout import Rollout, completion_logprobs, sample_from_ids
@@ -76,9 +76,9 @@ from calibrl.rl.rollout import Rollout, completion_logprobs, sample_from_ids
 if TYPE_CHECKING:
     from calibrl.rl.grpo import GRPOTrainer
 
-#: Contexts per forward/backward of a path's own loss: ``expected`` runs V candidates on each, so a
-#: chunk holds ``CONTEXTS_PER_CHUNK * V`` rows (84 for the 0.05 grid) and their expanded KV cache.
-CONTEXTS_PER_CHUNK = 4
+#: Contexts per forward/backward of a path's own loss (``expected``: each context plus its grid's
+#: prefix tree, 36 more tokens for the 0.05 grid and SmolLM2; ``branch``: its K continuations).
+CONTEXTS_PER_CHUNK = 8
 
 __all__ = ["CALIBRATION_PATHS", "CONTEXTS_PER_CHUNK", "CalibrationBatch", "CalibrationPath", "check_calibration_settings", "resolve_grid_step"]
 
@@ -197,6 +197,9 @@ class CalibrationPath:
     #: The scoring-rule components leave the GRPO reward and the confidence tokens' GRPO advantage
     #: is replaced by this path's loss.
     replaces_reward = False
+    #: The grid readout is a no-grad forward in :meth:`prepare`; ``expected`` takes it from its
+    #: own gradient forward instead (the same pre-update policy: no optimizer step has run yet).
+    readout_in_prepare = True
 
     def __init__(self, trainer: "GRPOTrainer", grid_step: float) -> None:
         self.t = trainer
@@ -214,11 +217,9 @@ class CalibrationPath:
 
     def _grid_probs(self, model: Any, dtype: torch.dtype | None, rollout: Rollout, rows: torch.Tensor,
                     ends: torch.Tensor, grad: bool) -> torch.Tensor:
-        # Under gradient checkpointing HF turns the KV cache off in training mode: no shared prefix.
-        share = not (grad and getattr(model, "is_activation_checkpointing", False))
         with torch.set_grad_enabled(grad), autocast(module_device(model), dtype):
-            return grid_distribution(grid_logprobs(model, rollout, rows, ends, self.candidates,
-                                                   self.t.tokenizer.pad_token_id, share_prefix=share))
+            return grid_distribution(grid_logprobs_tree(model, rollout, rows, ends, self.candidates,
+                                                        self.t.tokenizer.pad_token_id))
 
     def prepare(self, rollout: Rollout, parsed: Sequence[ParsedCompletion], rewards: RewardBatch,
                 examples: Sequence[Example]) -> CalibrationBatch:
@@ -228,7 +229,9 @@ class CalibrationPath:
         target = np.zeros(len(rows))
         score = None
         model, dtype = self._readout_model()
-        probs = self._grid_probs(model, dtype, rollout, rows, ends, grad=False).float().cpu() if len(rows) else None
+        probs = None
+        if len(rows) and self.readout_in_prepare:
+            probs = self._grid_probs(model, dtype, rollout, rows, ends, grad=False).float().cpu()
         exp_conf = np.full(len(rollout), np.nan)
         if probs is not None:
             exp_conf[rows.numpy()] = expected_confidence(probs, self.grid.values).double().numpy()
@@ -282,13 +285,19 @@ class ExpectedPath(CalibrationPath):
     """``expected``: the exact expected score over the grid (module docstring)."""
 
     replaces_reward = True
+    readout_in_prepare = False
 
     def backward(self, batch, rows, n_contexts):
         def chunk_loss(pos: torch.Tensor) -> torch.Tensor:
             probs = self._grid_probs(self.t.policy, self.t.autocast_dtype, batch.rollout, batch.rows[pos],
                                      batch.ends[pos], grad=True).float()
             target = torch.as_tensor(batch.target[pos.numpy()], dtype=torch.float32, device=probs.device)
-            return -expected_score(probs, self.grid.values.float(), target, self.rules).sum() / n_contexts
+            e = expected_score(probs, self.grid.values.float(), target, self.rules)
+            idx = batch.rows[pos].numpy()
+            if np.isnan(batch.expected_confidence[idx]).any():  # the first epoch: the pre-update readout
+                batch.expected_confidence[idx] = expected_confidence(probs.detach().cpu(), self.grid.values).numpy()
+                batch.score[idx] = e.detach().double().cpu().numpy()
+            return -e.sum() / n_contexts
 
         return self._backward_chunks(batch, rows, chunk_loss)
 
