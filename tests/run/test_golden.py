@@ -13,7 +13,10 @@ Variants:
 - ``plain_segment``: the same under the ``segment`` combiner (its token segments are computed);
 - ``scripted_sum``, ``scripted_beta``: the sampled texts are rewritten into well-formed answers
   (``faults.scripted_answers``), so rewards vary and every RL step updates the policy, under the
-  ``sum`` combiner with a mid-run eval, and with a KL reference (``algo.beta``) and 2 PPO epochs.
+  ``sum`` combiner with a mid-run eval, and with a KL reference (``algo.beta``) and 2 PPO epochs;
+- ``scripted_expected``, ``scripted_branch``: the same scripted answers under the calibration
+  paths of issue 16 (written when they were added; the records of the four variants above gained
+  only the new ``train/expected_confidence/*`` keys then, every earlier value unchanged).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "scripted_sum": (["trainer.max_steps=3", "trainer.eval_every=2"], True),
     "plain_segment": (["objective=segment"], False),
     "scripted_beta": (["algo.beta=0.1", "trainer.max_steps=3", "algo.ppo_epochs=2"], True),
+    "scripted_expected": (["objective.calibration=expected", "trainer.max_steps=3"], True),
+    "scripted_branch": (["objective.calibration=branch", "objective.branches=2", "trainer.max_steps=3"], True),
 }
 
 

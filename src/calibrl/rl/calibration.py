@@ -259,7 +259,7 @@ class CalibrationPath:
 
     def _chunks(self, batch: CalibrationBatch, rows: torch.Tensor) -> list[torch.Tensor]:
         pos = torch.nonzero(torch.isin(batch.rows, rows)).flatten()  # the contexts of these rows
-        return list(pos.split(CONTEXTS_PER_CHUNK))
+        return [c for c in pos.split(CONTEXTS_PER_CHUNK) if c.numel()]  # (an empty pos splits into one empty chunk)
 
     def _backward_chunks(self, batch: CalibrationBatch, rows: torch.Tensor, chunk_loss) -> float:
         total = 0.0

@@ -46,7 +46,7 @@ __all__ = ["run", "run_tags", "EXIT_NON_FINITE", "SUMMARY_METRICS"]
 
 SUMMARY_METRICS = (
     "accuracy", "format_rate", "confidence_mean", "ece", "brier", "auroc", "aurc", "confident_error_rate",
-    "answer_prob/ece", "answer_prob/auroc",
+    "answer_prob/ece", "answer_prob/auroc", "expected_confidence/ece", "expected_confidence/auroc",
 )
 
 
