@@ -28,6 +28,24 @@ def test_expected_brier_on_a_three_value_grid(target, expected):
     assert got.item() == pytest.approx(expected, abs=1e-12)
 
 
+def test_off_grid_mass_scores_the_worst_value():
+    # p = [.2, .5, .2] on the grid, .1 off it; t = 1: .2 * -1 + .5 * -.25 + .2 * 0 + .1 * -1 = -.425
+    p = torch.tensor([[0.2, 0.5, 0.2]], dtype=torch.float64)
+    t = torch.tensor([1.0], dtype=torch.float64)
+    assert expected_score(p, GRID3, t, {"brier": 1.0}).item() == pytest.approx(-0.425, abs=1e-12)
+    # moving mass from any grid value off the grid never raises the score (low is the minimum)
+    for rule in ("brier", "log", "spherical"):
+        for tt in (0.0, 0.3, 1.0):
+            full = expected_score(P3, GRID3, torch.tensor([tt], dtype=torch.float64), {rule: 1.0}).item()
+            for j in range(3):
+                q = P3.clone()
+                q[0, j] -= 0.1
+                less = expected_score(q, GRID3, torch.tensor([tt], dtype=torch.float64), {rule: 1.0}).item()
+                assert less <= full + 1e-12
+    with pytest.raises(ValueError, match="at most 1"):
+        expected_score(torch.tensor([[0.6, 0.6, 0.0]], dtype=torch.float64), GRID3, t, {"brier": 1.0})
+
+
 def test_expected_score_gradient_written_out():
     # loss = -E, p = softmax(z); dE/dz_j = p_j (a_j - E) with a = S(v, 1) = [-1, -.25, 0], E = -.325:
     # dE/dz = [.2 * -.675, .5 * .075, .3 * .325] = [-.135, .0375, .0975]; d loss/dz is its negative.

@@ -156,17 +156,20 @@ def expected_score(probs: torch.Tensor, values: torch.Tensor, target: torch.Tens
                    rules: Mapping[str, float]) -> torch.Tensor:
     """Exact expected score of a stated confidence drawn from ``probs`` against ``target``.
 
-    ``E_m = sum_k w_k sum_v p_m(v) [t_m S_k(v, 1) + (1 - t_m) S_k(v, 0)]``
+    ``E_m = sum_k w_k ( sum_v p_m(v) [t_m S_k(v, 1) + (1 - t_m) S_k(v, 0)] + (1 - sum_v p_m(v)) low_k )``
 
-    the expected value, over the confidence ``v ~ p_m`` the model would state and over the verdict
+    the expected value, over the confidence the model would state and over the verdict
     ``c ~ Bernoulli(t_m)``, of the weighted scoring rules (ConfTuner's tokenized Brier loss,
-    arXiv:2508.18847, is ``-E`` for Brier and a 0/1 target). For fixed ``t`` the bracket is linear
+    arXiv:2508.18847, is ``-E`` for Brier and a 0/1 target). ``probs`` are the model's
+    probabilities of writing each grid value; the rest of the mass, ``1 - sum_v p(v)`` (a value off
+    the grid, or no number at all), scores the rule's worst value ``low_k``, as a format failure
+    does in the reward: moving mass off the grid never raises ``E``. For fixed ``t`` ``E`` is linear
     in ``p``, so ``-E`` is minimised by putting all mass on the grid value that maximises
     ``t S(v, 1) + (1 - t) S(v, 0)``: for Brier, ``-(v - t)^2 - t (1 - t)``, the grid value nearest
     ``t``. No sampling: the loss and its gradient are exact.
 
     Args:
-        probs: float ``[M, V]``, each row a distribution over the grid (differentiable).
+        probs: float ``[M, V]``, non-negative, each row summing to at most 1 (differentiable).
         values: float ``[V]``, the grid, in [0, 1].
         target: float ``[M]`` in [0, 1].
         rules: scoring rule name -> weight (>= 0), e.g. ``{"brier": 1.0}``.
@@ -175,7 +178,8 @@ def expected_score(probs: torch.Tensor, values: torch.Tensor, target: torch.Tens
         float ``[M]`` expected scores (higher is better), in ``[sum w_k low_k, sum w_k high_k]``.
 
     Raises:
-        ValueError: shapes disagree, a target outside [0, 1], no rule or a negative weight.
+        ValueError: shapes disagree, a target outside [0, 1], a row of ``probs`` summing above 1,
+            no rule or a negative weight.
         KeyError: unknown rule.
     """
     if probs.ndim != 2 or values.shape != (probs.shape[1],) or target.shape != (probs.shape[0],):
@@ -185,13 +189,17 @@ def expected_score(probs: torch.Tensor, values: torch.Tensor, target: torch.Tens
         raise ValueError("expected_score needs at least one scoring rule")
     if bool(((target < 0) | (target > 1)).any()):
         raise ValueError("calibration targets must lie in [0, 1]")
+    if bool((probs.detach().sum(dim=1) > 1 + 1e-4).any()):
+        raise ValueError("each row of probs must sum to at most 1")
     out = torch.zeros(probs.shape[0], dtype=probs.dtype, device=probs.device)
     t = target.to(probs.dtype).to(probs.device)[:, None]
+    off_grid = 1 - probs.sum(dim=1)
     for name, w in rules.items():
         if w < 0:
             raise ValueError(f"scoring rule {name!r} has a negative weight {w}")
         s1, s0 = (s.to(probs.dtype).to(probs.device) for s in grid_scores(name, values))
-        out = out + w * (probs * (t * s1[None] + (1 - t) * s0[None])).sum(dim=1)
+        on_grid = (probs * (t * s1[None] + (1 - t) * s0[None])).sum(dim=1)
+        out = out + w * (on_grid + off_grid * SCORING_RULES.get(name).low)
     return out
 
 
