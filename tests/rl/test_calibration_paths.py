@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from calibrl.config import ConfigError
 from calibrl.objectives.calibration import expected_score
 from calibrl.rl.calibration import check_calibration_settings
 from calibrl.rl.confidence_grid import confidence_contexts

@@ -132,14 +132,14 @@ def check_calibration_settings(cfg: Any) -> None:
         ValueError: ``gamma`` outside [0, 1]; ``branches < 2``; ``branch_max_new_tokens < 1``; a grid
             step that is not two decimals dividing 1, or that differs from the grid the SFT warm-up
             teaches (``trainer.sft.confidence.grid_step``, when SFT is on); ``expected``/``branch``
-            without a scoring rule in ``reward.weights``, under ZeRO-3, or (``branch``) with
-            ``algo.ppo_epochs > 1``.
+            without a scoring rule in ``reward.weights``, under DeepSpeed, or (``branch``) with
+            ``algo.ppo_epochs > 1``; a target or ``gamma`` other than the defaults under ``reward``.
     """
     from calibrl.rewards.components import COMPONENTS
 
     obj = cfg.objective
     path = CALIBRATION_PATHS.get(obj.calibration)
-    target = TARGETS.get(obj.target)
+    TARGETS.get(obj.target)  # an unknown name raises, listing the known ones
     if not (0.0 <= float(obj.gamma) <= 1.0):
         raise ValueError(f"objective.gamma must be in [0, 1], got {obj.gamma}")
     if obj.branches < 2:
@@ -171,7 +171,6 @@ def check_calibration_settings(cfg: Any) -> None:
                          "forwards and backward calls differ between ranks); run it on one process")
     if path is BranchPath and cfg.algo.ppo_epochs != 1:
         raise ValueError("objective.calibration=branch needs algo.ppo_epochs=1 (branches are on-policy samples)")
-    del target
 
 
 def _answer_probs(tokenizer: Any, rollout: Rollout, parsed: Sequence[ParsedCompletion], logp: torch.Tensor) -> np.ndarray:
