@@ -294,6 +294,8 @@ class ExpectedPath(CalibrationPath):
         def chunk_loss(pos: torch.Tensor) -> torch.Tensor:
             probs = self._grid_probs(self.t.policy, self.t.autocast_dtype, batch.rollout, batch.rows[pos],
                                      batch.ends[pos], grad=True, normalise=False)  # off-grid mass scores the worst
+            # bf16 rounding can put a row a hair above 1 when (nearly) all its mass is on the grid
+            probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1.0)
             target = torch.as_tensor(batch.target[pos.numpy()], dtype=torch.float32, device=probs.device)
             e = expected_score(probs, self.grid.values.float(), target, self.rules)
             idx = batch.rows[pos].numpy()
