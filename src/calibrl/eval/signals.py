@@ -264,17 +264,16 @@ def expected_stated_confidence(
     At each completion's context (its tokens up to and including the ``<confidence>`` tag,
     :func:`~calibrl.rl.confidence_grid.confidence_contexts`) the V candidates
     ``f"{v:.2f}"`` are teacher forced (:func:`~calibrl.rl.confidence_grid.grid_logprobs_tree`:
-    the context once, the candidates on its KV cache), their sequence probabilities renormalised
+    one forward of the context with the candidates' prefix tree appended), their sequence
+    probabilities renormalised
     over the grid into ``p`` and averaged against the values. In eval mode, no grad, autocast to
     ``autocast_dtype`` on the model's device (as :func:`confidence_signals`); the model's mode is
     restored afterwards.
 
-    Cost: per completion one forward of ``prompt + completion[:k]`` and V candidates of ``c``
-    tokens on top of it (V = 21 for step 0.05; c = 4 for SmolLM2, ``0 . 2 5``), i.e.
-    ``P + k + V c`` token positions, 84 more than the context for step 0.05. Memory: a
-    forward holds ``micro_batch_size`` contexts, ``micro_batch_size * V`` rows, each with its copy
-    of the context's KV cache (:func:`calibrl.rl.rollout.completion_logprobs` indexes the shared
-    cache out to every row).
+    Cost: per completion one forward of ``prompt + completion[:k]`` plus the grid's prefix tree
+    (36 tokens for step 0.05 and SmolLM2: ``0 .`` shared, 10 first and 20 second decimals, and
+    ``1 . 0 0``). Memory: a forward holds ``micro_batch_size`` contexts and a
+    ``[micro_batch_size, S, S]`` boolean attention mask.
 
     Args:
         model: the policy (a causal LM, as for ``completion_logprobs``).

@@ -7,23 +7,24 @@ probability on every way to go on; the *grid* is the set of candidate strings
 
     ``f"{v:.2f}"`` for ``v`` in ``0, step, 2 step, ..., 1``
 
-and ``log P(v | context)`` is the sum of the candidate's token log-probs, teacher forced: every
-candidate is run on top of the context's KV cache (the context goes through the model once per
-completion, :func:`calibrl.rl.rollout.completion_logprobs` with the context as the prompt and the
-V candidates as its group). Renormalised over the grid, these give ``p(v)`` [M, V], the model's
-distribution over the confidences it could state, and
+and ``log P(v | context)`` is the sum of the candidate's token log-probs, teacher forced.
+:func:`grid_logprobs_tree` (used in training and evaluation) appends the candidates' prefix tree
+to each context and runs one forward under a 4-D attention mask; :func:`grid_logprobs` (the
+reference it is tested against) runs every candidate on its own copy of the context's KV cache.
+Renormalised over the grid, these give ``p(v)`` [M, V], the model's distribution over the
+confidences it could state, and
 
 - the *expected stated confidence* ``sum_v p(v) v``, a readout that moves before the greedy mode
   does (ConfTuner, arXiv:2508.18847, reads the confidence distribution the same way);
-- the exact *expected score* of a proper scoring rule under ``p`` (:mod:`calibrl.objectives.expected`),
-  the calibration loss of ``objective.calibration=expected``.
+- the exact *expected score* of a proper scoring rule (:mod:`calibrl.objectives.calibration`),
+  the calibration loss of ``objective.calibration=expected``, which takes the probabilities as
+  the model gives them (not renormalised) and scores the mass off the grid at the rule's worst.
 
 Mass the model puts outside the grid (another number of decimals, a malformed value) is not in
-``p``: the renormalisation conditions on writing a grid value. The format reward keeps that mass
-small.
+the renormalised ``p``: the readout conditions on writing a grid value.
 
-Costs: V candidates of ``len(tokens("0.25"))`` tokens each (4 for SmolLM2: digits are single
-tokens) per completion, on top of one context forward.
+Costs: 36 tree tokens (0.05 grid, SmolLM2: digits are single tokens) per context, on top of one
+context forward.
 """
 
 from __future__ import annotations
