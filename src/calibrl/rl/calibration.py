@@ -48,6 +48,7 @@ yet; ``branch`` needs ``algo.ppo_epochs == 1`` (its branches are on-policy sampl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -203,13 +204,21 @@ class CalibrationPath:
     readout_in_prepare = True
 
     def __init__(self, trainer: "GRPOTrainer", grid_step: float) -> None:
-        self.t = trainer
-        self.grid = ConfidenceGrid.for_format(grid_step, trainer.prompts.fmt)
-        self.candidates = self.grid.token_ids(trainer.tokenizer)
+        self.t, self.grid_step = trainer, grid_step
         comps = trainer.reward_fn.components
         self.rules = {comps[k].rule: w for k, w in trainer.reward_fn.weights.items()
                       if comps[k].kind == "scoring_rule" and w > 0}
         self.worst = sum(w * SCORING_RULES.get(r).low for r, w in self.rules.items())
+
+    @functools.cached_property
+    def grid(self) -> ConfidenceGrid:
+        """The confidence grid (built on first use: a trainer driven by hand may have no prompts)."""
+        return ConfidenceGrid.for_format(self.grid_step, self.t.prompts.fmt)
+
+    @functools.cached_property
+    def candidates(self) -> list[list[int]]:
+        """The grid's candidate token ids under the policy's tokenizer."""
+        return self.grid.token_ids(self.t.tokenizer)
 
     def _readout_model(self) -> tuple[Any, torch.dtype | None]:
         if self.t.sampler is not None:
