@@ -151,8 +151,9 @@ def check_calibration_settings(cfg: Any) -> None:
     step = resolve_grid_step(obj.grid_step, sft_step)
     try:
         ConfidenceGrid(step)
-    except ValueError as err:
-        raise ValueError(f"objective.grid_step: {err}") from err
+    except ValueError as err:  # named after the setting the bad step came from
+        key = "objective.grid_step" if obj.grid_step is not None else "trainer.sft.confidence.grid_step"
+        raise ValueError(f"{key}: {err}") from err
     if obj.grid_step is not None and cfg.trainer.sft.enabled and abs(obj.grid_step - sft_step) > 1e-9:
         raise ValueError(
             f"objective.grid_step={obj.grid_step} does not match the confidence grid the SFT warm-up teaches "
