@@ -108,19 +108,24 @@ def nan_losses(monkeypatch, steps: set[int] | None = None, from_step: int | None
     return record
 
 
-def scripted_answers(monkeypatch, seed: int = 0, special: dict[int, str] | None = None) -> None:
+def scripted_answers(monkeypatch, seed: int = 0, special: dict[int, str] | None = None, keyed: bool = False) -> None:
     """Rewrite every sampled completion text into ``<think>..</think><answer>A</answer>
     <confidence>q</confidence>``: A is the reference answer or a wrong one (even odds), q uniform;
-    ``special`` maps a completion's index over the run (0-based) to an answer to write instead."""
+    ``special`` maps a completion's index over the run (0-based) to an answer to write instead.
+    ``keyed``: each text is drawn from a generator seeded by (``seed``, example id, row), not from
+    one stream over the run, so a resumed run gets the texts the uninterrupted one got."""
     rng = random.Random(seed)
     original = grpo.GRPOTrainer.generate
     seen = [0]
 
     def generate(self, examples):
+        nonlocal rng
         rollout = original(self, examples)
         g = self.algo.group_size
         texts = []
         for i in range(len(rollout)):
+            if keyed:
+                rng = random.Random(f"{seed}-{examples[i // g].id}-{i}")
             answer = examples[i // g].answer if rng.random() < 0.5 else "wrong"
             answer = (special or {}).get(seen[0], answer)
             seen[0] += 1

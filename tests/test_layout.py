@@ -3,7 +3,7 @@
 Layers, lowest first (a module may import its own package and any lower layer, never a higher one,
 lazily inside a function or not)::
 
-    leaves      registry, device, distributed, config (the schema), cli, models, tracking
+    leaves      registry, device, distributed, config (the schema), cli, models, lora (adapters), tracking
     data        prompts, sources, the completion format
     rewards     parsing, verifier guard, reward components, token spans
     metrics     calibration / abstention metrics, voting (numpy only)
@@ -25,7 +25,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "calibrl"
 
 LAYERS = [
-    {"registry", "device", "distributed", "config", "cli", "models", "tracking"},
+    {"registry", "device", "distributed", "config", "cli", "models", "lora", "tracking"},
     {"data"},
     {"rewards"},
     {"metrics"},

@@ -16,7 +16,8 @@ list (``tests/test_layout.py`` checks it)::
 
 Leaves every package may use: ``calibrl.config`` (the typed config schema), ``calibrl.cli``
 (entry-point helpers), ``calibrl.registry``, ``calibrl.device``, ``calibrl.distributed``,
-``calibrl.models`` (loading the policy), ``calibrl.tracking`` (W&B and JSONL sinks, numbers only).
+``calibrl.models`` (loading the policy), ``calibrl.lora`` (LoRA adapters through peft),
+``calibrl.tracking`` (W&B and JSONL sinks, numbers only).
 Entry points: ``calibrl.train`` (``calibrl-train``), ``calibrl.eval`` (``calibrl-eval``),
 ``calibrl.report`` (``calibrl-compare``; ``python -m calibrl.compare`` is an alias).
 """

@@ -37,13 +37,27 @@ from omegaconf import II, MISSING, DictConfig
 
 
 __all__ = [
-    "AlgoConfig", "Config", "ConfigError", "EvalConfig", "EvalJobConfig", "ObjectiveConfig", "SAVE_DTYPES", "SFTConfig",
-    "SelfLabelConfig", "TrainerConfig", "register_schema", "rl_warmup_steps",
+    "AlgoConfig", "Config", "ConfigError", "EvalConfig", "EvalJobConfig", "LoraConfig", "ModelConfig", "ObjectiveConfig",
+    "SAVE_DTYPES", "SFTConfig", "SelfLabelConfig", "TrainerConfig", "register_schema", "rl_warmup_steps",
 ]
 
 
 class ConfigError(ValueError):
     """An invalid configuration: unknown registry name, inconsistent or unsafe settings."""
+
+
+@dataclass
+class LoraConfig:
+    """``model.lora``: LoRA adapters on the policy through peft (:mod:`calibrl.lora`)."""
+
+    enabled: bool = False
+    r: int = 16  # rank of each adapter (> 0)
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter input; 0 keeps rollouts, old and new log-probs one function
+    # Names of the linear layers to adapt (a layer matches when its dotted name ends with one);
+    # ["all-linear"]: every linear layer but the output head (peft's "all-linear").
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    save_merged: bool = False  # also write the merged full model to <run dir>/checkpoint_merged/
 
 
 @dataclass
@@ -58,6 +72,8 @@ class ModelConfig:
     tiny: Optional[dict[str, Any]] = None
     trust_remote_code: bool = False
     chat_template: Optional[str] = None
+    adapter: Optional[str] = None  # a peft adapter directory loaded on top (calibrl-eval of a LoRA run)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

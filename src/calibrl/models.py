@@ -11,6 +11,11 @@
   ``tokenizer_from`` model (built as above), for fast tests.
 - ``hf``: ``AutoModelForCausalLM.from_pretrained(name_or_path)`` (hub id or local dir).
 
+``adapter``: a peft adapter directory loaded on top of any of these, for inference (how
+``calibrl-eval`` loads a LoRA run's checkpoint, :mod:`calibrl.lora`). ``lora``: the
+``model.lora`` settings; :func:`load_policy` does not read them (the run wraps the policy,
+:func:`calibrl.run.build.build`).
+
 ``trust_remote_code`` is passed through and is ``False`` unless the config sets it.
 
 :func:`check_model_files` finds a missing local directory, GGUF package or GGUF file at start-up
@@ -48,6 +53,8 @@ class ModelSpec:
         tiny: for ``tiny``: LlamaConfig overrides (hidden_size, num_hidden_layers, ...).
         trust_remote_code: passed to transformers (default ``False``).
         chat_template: overrides the tokenizer's chat template when set.
+        adapter: a peft adapter directory to load on top (inference), or ``None``.
+        lora: the ``model.lora`` settings (read by the run, not here).
     """
 
     kind: str
@@ -60,6 +67,8 @@ class ModelSpec:
     tiny: dict[str, Any] | None = None
     trust_remote_code: bool = False
     chat_template: str | None = None
+    adapter: str | None = None
+    lora: dict[str, Any] | None = None
     seed: int = 0
 
 
@@ -128,14 +137,16 @@ def _tokenizer_spec(spec: ModelSpec) -> ModelSpec:
 
 
 def check_model_files(spec: ModelSpec) -> None:
-    """Check, without loading anything, that what :func:`load_policy` reads exists: a local
-    ``hf`` directory, and for ``gguf`` (also as ``tiny``'s ``tokenizer_from``) the package and
+    """Check, without loading anything, that what :func:`load_policy` reads exists: the
+    ``adapter`` directory, a local ``hf`` directory, and for ``gguf`` (also as ``tiny``'s ``tokenizer_from``) the package and
     its GGUF file, unless the model is already materialized in ``cache_dir``.
 
     Raises:
         FileNotFoundError: the first thing missing (the message names the config key).
         TypeError: ``tokenizer_from`` holds a key that is not a model setting.
     """
+    if spec.adapter and not (Path(spec.adapter).expanduser() / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"model.adapter {spec.adapter!r} is not a peft adapter directory (no adapter_config.json)")
     specs = [("model", spec)]
     if spec.kind == "tiny" and spec.tokenizer_from:
         specs.append(("model.tokenizer_from", _tokenizer_spec(spec)))
@@ -183,7 +194,8 @@ def _load_tokenizer(where: Path | str, spec: ModelSpec) -> Any:
 
 
 def load_policy(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
-    """Load the policy (fp32, train mode off) and its tokenizer (left padding, pad token set).
+    """Load the policy (fp32, train mode off) and its tokenizer (left padding, pad token set),
+    with ``spec.adapter``'s peft adapter on top (frozen) when it is set.
 
     Raises:
         FileNotFoundError: missing package, file or local path.
@@ -205,10 +217,14 @@ def load_policy(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
         )
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        return model, tokenizer
-    where = _resolve(spec)
-    tokenizer = _load_tokenizer(where, spec)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(where), dtype=torch.float32, trust_remote_code=spec.trust_remote_code
-    )
+    else:
+        where = _resolve(spec)
+        tokenizer = _load_tokenizer(where, spec)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(where), dtype=torch.float32, trust_remote_code=spec.trust_remote_code
+        )
+    if spec.adapter:
+        from calibrl.lora import load_adapter
+
+        model = load_adapter(model, spec.adapter, trainable=False).eval()
     return model, tokenizer

@@ -7,7 +7,12 @@
   set), prompt, reward, ``eval`` settings, seed and ``trainer.bf16`` are used, so the
   in-domain numbers equal the run's final eval; ``key=value`` overrides given on the command line
   for those keys are applied on top.
-- an **HF model directory** (holds ``config.json``): loaded as ``model.kind=hf``.
+  A LoRA run's ``checkpoint/`` is its adapter: the run's base model is loaded with the adapter
+  on top (``model.adapter``).
+- an **HF model directory** (holds ``config.json``): loaded as ``model.kind=hf``; a LoRA run's
+  merged model (``checkpoint_merged/``) is one.
+- a **peft adapter directory** (holds ``adapter_config.json``): its base model
+  (``base_model_name_or_path``) with the adapter on top.
 - a **model preset** name from ``conf/model/`` (e.g. ``smollm2_135m``), or ``null`` for the
   composed ``model`` group.
 
@@ -38,6 +43,7 @@ from calibrl.data import PromptBuilder, build_splits
 from calibrl.eval.signals import SIGNALS
 from calibrl.device import DEVICES, resolve_device
 from calibrl.eval.evaluator import EvalResult, check_eval_config, check_slice_fields, evaluate, report_json, signal_values
+from calibrl.lora import adapter_base, is_adapter_dir
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
 from calibrl.tracking import Tracker
@@ -87,14 +93,17 @@ def resolve_checkpoint(cfg: DictConfig, conf_dir: Path, cli_overrides: list[str]
     taken: tuple[str, ...] = ("model",)
     if _is_run_dir(path):
         weights = path / "checkpoint"
-        if not (weights / "config.json").is_file():
+        if not (weights / "config.json").is_file() and not is_adapter_dir(weights):
             raise FileNotFoundError(
                 f"checkpoint {ckpt!r} is a run directory without a saved model ({weights} is missing): "
                 "trained with trainer.save_checkpoint=false, or the run did not finish"
             )
         run = OmegaConf.load(path / "config_resolved.yaml")
-        model = {"kind": "hf", "name": f"{run.model.name}-run", "name_or_path": str(weights.resolve()),
-                 "trust_remote_code": run.model.trust_remote_code, "chat_template": run.model.chat_template}
+        if is_adapter_dir(weights):  # a LoRA run: its base model, with the saved adapter on top
+            model = OmegaConf.to_container(run.model) | {"adapter": str(weights.resolve()), "lora": {"enabled": False}}
+        else:
+            model = {"kind": "hf", "name": f"{run.model.name}-run", "name_or_path": str(weights.resolve()),
+                     "trust_remote_code": run.model.trust_remote_code, "chat_template": run.model.chat_template}
         if cfg.use_run_config:
             taken = ("model", *(k for k in RUN_KEYS if k not in chosen_groups), "bf16")
             for key in taken[1:-1]:
@@ -103,12 +112,20 @@ def resolve_checkpoint(cfg: DictConfig, conf_dir: Path, cli_overrides: list[str]
         _replace(cfg, "model", model)
     elif (path / "config.json").is_file():
         _replace(cfg, "model", {"kind": "hf", "name": path.resolve().name, "name_or_path": str(path.resolve())})
+    elif is_adapter_dir(path):  # a peft adapter directory: on the base model it names
+        try:
+            base = adapter_base(path)
+        except ValueError as err:
+            raise FileNotFoundError(f"checkpoint {ckpt!r}: {err}; evaluate its run directory instead") from err
+        _replace(cfg, "model", {"kind": "hf", "name": path.resolve().name, "name_or_path": base,
+                                "adapter": str(path.resolve())})
     elif ckpt in presets:
         _replace(cfg, "model", OmegaConf.load(conf_dir / "model" / f"{ckpt}.yaml"))
     else:
         raise FileNotFoundError(
             f"checkpoint {ckpt!r} is not a run directory (with config_resolved.yaml and checkpoint/), "
-            f"an HF model directory (with config.json) or a model preset ({', '.join(presets)})"
+            f"an HF model directory (with config.json), a peft adapter directory (with adapter_config.json) "
+            f"or a model preset ({', '.join(presets)})"
         )
     for o in overrides:
         if o.key_or_group.split(".")[0] in taken and o.key_or_group not in GROUPS:

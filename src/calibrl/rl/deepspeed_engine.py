@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from calibrl.lora import is_peft
+
 __all__ = ["DeepSpeedEngine", "deepspeed_config"]
 
 _TAG = "deepspeed"
@@ -166,8 +168,11 @@ class DeepSpeedEngine:
 
     def save(self, directory: Path) -> None:
         """DeepSpeed checkpoint (model, optimizer shards, scheduler) under ``directory/deepspeed``
-        (collective: every rank writes its shards)."""
-        self.engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False)
+        (collective: every rank writes its shards); of a LoRA policy (:mod:`calibrl.lora`) the
+        trainable adapter weights only."""
+        # A LoRA policy's frozen base is reloaded from the model files: only the adapters are saved.
+        self.engine.save_checkpoint(str(directory), tag=_TAG, save_latest=False,
+                                    exclude_frozen_parameters=is_peft(self.engine.module))
 
     def load(self, directory: Path) -> None:
         """Load what :meth:`save` wrote (collective).
@@ -175,6 +180,6 @@ class DeepSpeedEngine:
         Raises:
             FileNotFoundError: no DeepSpeed checkpoint in ``directory``.
         """
-        path, _ = self.engine.load_checkpoint(str(directory), tag=_TAG)
+        path, _ = self.engine.load_checkpoint(str(directory), tag=_TAG, load_module_strict=not is_peft(self.engine.module))
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")

@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 import torch
 
+from calibrl.lora import adapter_state_dict, is_peft, load_adapter_state_dict
+
 __all__ = ["Engine", "TorchEngine"]
 
 
@@ -96,9 +98,12 @@ class TorchEngine:
         yield
 
     def save(self, directory: Path) -> None:
-        """Write ``model.pt`` (state dict), ``optimizer.pt`` and ``scheduler.pt`` to ``directory``."""
+        """Write ``model.pt`` (state dict; of a LoRA policy the adapter weights only, its frozen
+        base being reloaded from the model files), ``optimizer.pt`` and ``scheduler.pt`` to
+        ``directory``."""
         directory = Path(directory)
-        torch.save(self.module.state_dict(), directory / "model.pt")
+        state = adapter_state_dict(self.module) if is_peft(self.module) else self.module.state_dict()
+        torch.save(state, directory / "model.pt")
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         if self.scheduler is not None:
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
@@ -108,9 +113,14 @@ class TorchEngine:
 
         Raises:
             FileNotFoundError: a file is missing.
+            KeyError: a LoRA policy's adapter weight is missing from ``model.pt``.
         """
         directory = Path(directory)
-        self.module.load_state_dict(torch.load(directory / "model.pt", weights_only=True))
+        state = torch.load(directory / "model.pt", weights_only=True)
+        if is_peft(self.module):
+            load_adapter_state_dict(self.module, state)
+        else:
+            self.module.load_state_dict(state)
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         if self.scheduler is not None:
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from calibrl.device import autocast, module_device
+from calibrl.lora import is_peft, merged_lora_weights, merged_model
 from calibrl.rl.decode import decode_groups
 
 __all__ = ["Rollout", "SamplingCopy", "concat_rollouts", "generate_rollout", "completion_logprobs", "is_out_of_memory",
@@ -95,6 +96,10 @@ class SamplingCopy:
     exactly 1 either way (``old_logp`` is the training forward's own, detached). Memory: one
     more model in ``dtype`` (270 MB for SmolLM2-135M in bf16).
 
+    A LoRA policy (a peft model, :mod:`calibrl.lora`) gets a plain copy with the adapters merged
+    into its weights: each refresh writes ``W + (alpha / r) B A`` into the adapted layers only
+    (the rest is frozen), so sampling runs no adapter matmuls.
+
     Args:
         policy: the policy, before DeepSpeed wraps it (a plain copy; not for ZeRO-3, whose
             parameters are sharded).
@@ -102,30 +107,41 @@ class SamplingCopy:
     """
 
     def __init__(self, policy: Any, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.model = (merged_model(policy) if is_peft(policy) else copy.deepcopy(policy)).eval().requires_grad_(False)
         for p in self.model.parameters():
             p.data = p.data.to(dtype)
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _match(self, policy: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        own = dict(self.model.named_parameters())
+        pairs = []
+        for name, src in policy.named_parameters():
+            key = name if name in own else name.removeprefix("module.")
+            if key not in own:
+                raise KeyError(f"parameter {name!r} of the policy has no counterpart in the sampling copy")
+            pairs.append((own[key], src))
+        return pairs
 
     def refresh(self, policy: Any) -> Any:
         """Copy ``policy``'s current weights into the copy (rounded to its dtype) and return it.
 
         ``policy`` may be the model itself or a wrapper that holds it as ``module`` (DeepSpeed's
-        engine): parameters are matched by name, with a leading ``module.`` dropped.
+        engine): parameters are matched by name, with a leading ``module.`` dropped. A LoRA
+        policy's merged adapted weights are written (:func:`calibrl.lora.merged_lora_weights`).
 
         Raises:
             KeyError: a parameter of ``policy`` has no counterpart in the copy.
         """
-        if self._pairs is None:
-            own = dict(self.model.named_parameters())
-            pairs = []
-            for name, src in policy.named_parameters():
-                key = name if name in own else name.removeprefix("module.")
-                if key not in own:
-                    raise KeyError(f"parameter {name!r} of the policy has no counterpart in the sampling copy")
-                pairs.append((own[key], src))
-            self._pairs = pairs
         with torch.no_grad():
+            if is_peft(policy):
+                own = dict(self.model.named_parameters())
+                for name, merged in merged_lora_weights(policy):
+                    if name not in own:
+                        raise KeyError(f"adapted weight {name!r} of the policy has no counterpart in the sampling copy")
+                    own[name].copy_(merged)
+                return self.model
+            if self._pairs is None:
+                self._pairs = self._match(policy)
             for dst, src in self._pairs:
                 dst.copy_(src)
         return self.model

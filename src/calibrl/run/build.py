@@ -31,6 +31,7 @@ from calibrl.data.sources import DataSplits
 from calibrl.device import default_backend, resolve_device
 from calibrl.distributed import DistInfo, broadcast_object, dist_info, init_distributed
 from calibrl.eval.evaluator import check_slice_fields
+from calibrl.lora import apply_lora, load_adapter
 from calibrl.models import ModelSpec, load_policy
 from calibrl.rewards import RewardFunction
 from calibrl.rl.self_label import self_label_items
@@ -38,7 +39,10 @@ from calibrl.run.checkpoint import CheckpointState
 from calibrl.run.guards import resume_state
 from calibrl.tracking import Tracker, redact
 
-__all__ = ["RunParts", "build", "keep_changed_config", "make_optimizer", "make_scheduler", "place_policy", "run_tags"]
+__all__ = [
+    "RunParts", "build", "keep_changed_config", "load_warmed_up", "make_optimizer", "make_scheduler", "place_policy",
+    "run_tags",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,9 @@ class RunParts:
         dist: this process's rank and the world size.
         splits: train and eval examples and the verifier.
         reward_fn: the weighted reward components (with the verifier guard).
-        model: the policy, an HF causal LM in fp32 on ``device``; trained in place (the SFT cache
-            stage replaces it with the stored warmed-up model).
+        model: the policy, an HF causal LM in fp32 on ``device`` (a ``peft.PeftModel`` with
+            ``model.lora.enabled``); trained in place (the SFT cache stage replaces it with the
+            stored warmed-up model).
         tokenizer: its tokenizer (left padding).
         prompts: builds chat prompts and knows the completion format.
         tracker: ``metrics.jsonl`` and W&B (rank 0 writes).
@@ -162,10 +167,40 @@ def place_policy(model: Any, device: torch.device, gradient_checkpointing: bool)
     return model
 
 
-def _policy(cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
-    """The policy (fp32, on ``device``) and its tokenizer."""
-    model, tokenizer = load_policy(ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed))
+def _model_spec(cfg: DictConfig) -> ModelSpec:
+    return ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True), seed=cfg.seed)
+
+
+def _policy(cfg: DictConfig, settings: Config, device: torch.device) -> tuple[Any, Any]:
+    """The policy (fp32, on ``device``; a peft model with ``model.lora.enabled``) and its tokenizer.
+
+    Raises:
+        ConfigError: a ``model.lora.target_modules`` name that matches no linear layer (the
+            message lists the model's).
+    """
+    model, tokenizer = load_policy(_model_spec(cfg))
+    if settings.model.lora.enabled:
+        try:
+            model = apply_lora(model, settings.model.lora)
+        except ValueError as err:
+            raise ConfigError(err.args[0]) from err
     return place_policy(model, device, cfg.trainer.gradient_checkpointing), tokenizer
+
+
+def load_warmed_up(cfg: DictConfig, settings: Config, path: Path, device: torch.device) -> Any:
+    """A stored warmed-up policy (an SFT cache entry's ``checkpoint/``) on ``device``, ready to
+    train on: a full HF checkpoint, or with ``model.lora.enabled`` a peft adapter directory loaded
+    (trainable) on the base model."""
+    from transformers import AutoModelForCausalLM
+
+    if settings.model.lora.enabled:
+        base, _ = load_policy(_model_spec(cfg))
+        model = load_adapter(base, path, trainable=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, trust_remote_code=settings.model.trust_remote_code,
+        )
+    return place_policy(model, device, settings.trainer.gradient_checkpointing)
 
 
 def _run_dir(run_dir: Path, settings: Config, info: DistInfo) -> tuple[Path, CheckpointState | None]:
@@ -238,7 +273,7 @@ def build(cfg: DictConfig, run_dir: Path) -> RunParts:
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
     splits = _splits(cfg, settings)
     reward_fn = RewardFunction.from_config(OmegaConf.to_container(cfg.reward, resolve=True))  # weights + verifier guard
-    model, tokenizer = _policy(cfg, device)
+    model, tokenizer = _policy(cfg, settings, device)
     prompts = PromptBuilder(tokenizer, cfg.prompt.system, completion_format(cfg), cfg.prompt.think_text)
     lg = cfg.logger
     tracker = Tracker(

@@ -102,6 +102,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
     try:
         if resume is None:
             stages.log_data(parts, state)
+            stages.log_model(parts, state)
             stages.raw_eval(parts, state)
             stages.sft_warm_up(parts, state)
             stages.self_label_warm_up(parts, state)

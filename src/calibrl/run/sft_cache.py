@@ -7,7 +7,8 @@ records, the post-SFT eval files and the random-number-generator states at the e
 warm-up; later runs with the same key load them instead. Restoring the RNG states makes a run
 that hits the cache follow exactly the RL trajectory of one that did the warm-up itself.
 
-The key is a SHA-256 of everything the warm-up and its eval depend on: the resolved ``model``,
+The key is a SHA-256 of everything the warm-up and its eval depend on: the resolved ``model``
+(``model.lora`` only when LoRA is on, so full fine-tuning keys did not change when it came),
 ``data``, ``prompt``, ``trainer.sft`` (without ``cache``), ``trainer.bf16``, the device type
 (``cpu`` or ``cuda``, as ``trainer.device`` resolves here),
 ``trainer.weight_decay``, ``trainer.max_grad_norm``, ``eval`` (without ``raw_model``), ``seed``
@@ -55,8 +56,13 @@ def sft_cache_key(cfg: DictConfig) -> str:
     """Hex SHA-256 of what the warm-up and the eval after it depend on (see module docstring)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     t = c["trainer"]
+    model = dict(c["model"])
+    if not (model.get("lora") or {}).get("enabled"):  # keys as before LoRA existed: full fine-tuning caches stay valid
+        model.pop("lora", None)
+    if model.get("adapter") is None:
+        model.pop("adapter", None)
     parts = {
-        "model": c["model"], "data": c["data"], "prompt": c["prompt"],
+        "model": model, "data": c["data"], "prompt": c["prompt"],
         "sft": {k: v for k, v in t["sft"].items() if k != "cache"},
         "bf16": t["bf16"], "device": device_type(t["device"]), "weight_decay": t["weight_decay"], "max_grad_norm": t["max_grad_norm"],
         "eval": {k: v for k, v in c["eval"].items() if k != "raw_model"},

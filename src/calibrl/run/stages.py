@@ -1,8 +1,9 @@
 """The named stages of the main job, run in this order by :func:`calibrl.run.pipeline.run` on the
 parts :func:`calibrl.run.build.build` made:
 
-1. :func:`log_data` and :func:`raw_eval` (a fresh run only): the count of skipped malformed data
-   rows (``data.on_bad_row=skip``) and, with ``eval.raw_model``, an eval of the raw model (``raw``).
+1. :func:`log_data`, :func:`log_model` and :func:`raw_eval` (a fresh run only): the count of
+   skipped malformed data rows (``data.on_bad_row=skip``), the policy's parameter counts and,
+   with ``eval.raw_model``, an eval of the raw model (``raw``).
 2. :func:`sft_warm_up` (a fresh run only): the format warm-up (:mod:`calibrl.rl.sft`), or its
    stored copy from the SFT cache (``trainer.sft.cache``, :mod:`calibrl.run.sft_cache`), then an
    eval (``sft``; ``start`` without a warm-up).
@@ -44,6 +45,7 @@ from calibrl.config import rl_warmup_steps
 from calibrl.data.example import Example
 from calibrl.distributed import all_reduce_sum
 from calibrl.eval.evaluator import evaluate, report_json, write_predictions
+from calibrl.lora import AdapterReference, is_peft, merged_model, parameter_counts
 from calibrl.rl.engine import Engine, TorchEngine
 from calibrl.rl.calibration import resolve_grid_step
 from calibrl.rl.grpo import GRPOTrainer
@@ -52,13 +54,13 @@ from calibrl.rl.self_label import (
     LABEL_SIGNALS, Answered, LabelSignal, build_label_set, num_self_label_steps, self_label_items, self_label_warmup,
 )
 from calibrl.rl.sft import num_sft_steps, sft_warmup
-from calibrl.run.build import RunParts, make_optimizer, make_scheduler, place_policy
+from calibrl.run.build import RunParts, load_warmed_up, make_optimizer, make_scheduler
 from calibrl.run.checkpoint import save_checkpoint
 from calibrl.run.guards import EXIT_NON_FINITE, Cadence, RunStopped, SignalFlag, non_finite_message
 from calibrl.run.sft_cache import SFTCacheEntry, load_sft_cache, save_sft_cache, self_label_cache_dir, sft_cache_dir
 
 __all__ = [
-    "RL", "RunState", "answer_items", "final_eval_and_save", "log_data", "raw_eval", "rl_loop", "run_eval",
+    "RL", "RunState", "answer_items", "final_eval_and_save", "log_data", "log_model", "raw_eval", "rl_loop", "run_eval",
     "save_final_model", "self_label_warm_up", "setup_rl", "sft_warm_up",
 ]
 
@@ -87,7 +89,8 @@ class RL:
     Attributes:
         trainer: the GRPO trainer.
         engine: its update engine (the policy, optimizer and scheduler).
-        reference: the frozen reference model (``algo.beta > 0``), or ``None``.
+        reference: the frozen reference model (``algo.beta > 0``; a LoRA run's is
+            :class:`calibrl.lora.AdapterReference`), or ``None``.
         first: the first RL step to run (1, or the step after the resumed checkpoint's).
     """
 
@@ -125,6 +128,19 @@ def log_data(parts: RunParts, state: RunState) -> None:
         parts.tracker.log({"data/skipped_rows": float(parts.splits.skipped_rows)}, step=state.step)
 
 
+def log_model(parts: RunParts, state: RunState) -> None:
+    """At the start of a fresh run: the policy's parameter counts (peft's own count for a LoRA
+    policy, :func:`calibrl.lora.parameter_counts`) in the log and on stdout, and as
+    ``model/trainable_params`` and ``model/total_params`` in the W&B summary (not in
+    ``metrics.jsonl``, which holds the curves)."""
+    trainable, total = parameter_counts(parts.model)
+    line = f"policy: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.4f}%)"
+    log.info(line)
+    if parts.dist.is_main:
+        print(line)
+    parts.tracker.summary({"model/trainable_params": trainable, "model/total_params": total})
+
+
 def raw_eval(parts: RunParts, state: RunState) -> None:
     """With ``eval.raw_model``: evaluate the raw model (stage ``raw``, step 0)."""
     if parts.settings.eval.raw_model:
@@ -135,14 +151,9 @@ def _from_cache(parts: RunParts, state: RunState, cached: SFTCacheEntry, what: s
     """Take a warm-up (``what``, for the messages) and its eval from the cache: the warmed-up
     model replaces ``parts.model``, the warm-up's records and the eval are logged again, and the
     RNG states are restored, so the RL trajectory equals that of a run that did the warm-up."""
-    from transformers import AutoModelForCausalLM
-
     log.info("%s and its eval loaded from the cache %s", what, cached.path)
     print(f"{what}: loaded from the cache {cached.path}")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(cached.path / "checkpoint"), dtype=torch.float32, trust_remote_code=parts.settings.model.trust_remote_code,
-    )
-    parts.model = place_policy(model, parts.device, parts.settings.trainer.gradient_checkpointing)
+    parts.model = load_warmed_up(parts.cfg, parts.settings, cached.path / "checkpoint", parts.device)
     for record in cached.records:
         parts.tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
     state.step = cached.last_step
@@ -296,12 +307,16 @@ def _engine(parts: RunParts, opt: torch.optim.Optimizer, sched: Any) -> Engine:
 
 
 def setup_rl(parts: RunParts, state: RunState) -> RL:
-    """Build the RL stage: reference model (``algo.beta > 0``), bf16 sampling copy
+    """Build the RL stage: reference model (``algo.beta > 0``; with LoRA the policy with its
+    adapters off), bf16 sampling copy
     (``trainer.bf16_sampler``), optimizer, schedule, engine and trainer; a resumed run restores
     engine, reference, trainer and RNG states from its checkpoint. Sets ``state.engine``."""
     s, a, t, model = parts.settings, parts.settings.algo, parts.settings.trainer, parts.model
-    # A full frozen copy on every rank, also under ZeRO-3 (taken before DeepSpeed shards the policy).
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+    reference = None
+    if a.beta > 0 and is_peft(model):  # the base model: the policy with its adapters off, no copy
+        reference = AdapterReference(model)
+    elif a.beta > 0:  # a full frozen copy on every rank, also under ZeRO-3 (taken before DeepSpeed shards the policy)
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
     # Like the reference, copied before DeepSpeed wraps the policy; ZeRO-3 shards it: none there.
     zero3 = s.deepspeed.enabled and s.deepspeed.stage == 3
     sampler = SamplingCopy(model) if t.bf16 and t.bf16_sampler and not zero3 else None
@@ -321,7 +336,7 @@ def setup_rl(parts: RunParts, state: RunState) -> RL:
             torch.manual_seed(s.seed + 1_000_003 * parts.dist.rank)
         return RL(trainer, engine, reference, first=1)
     engine.load(resume.path)
-    if reference is not None:
+    if isinstance(reference, torch.nn.Module):
         reference.load_state_dict(torch.load(resume.path / "reference.pt", weights_only=True))
     trainer.load_state_dict(resume.trainer)
     resume.restore_rng()  # last: the run continues exactly where the saved one was
@@ -347,7 +362,8 @@ def _checkpoint(parts: RunParts, state: RunState, rl: RL, rl_step: int) -> None:
     at = save_checkpoint(
         parts.run_dir, rl.engine, global_step=state.step, rl_step=rl_step, trainer_state=rl.trainer.state_dict(),
         wandb_id=parts.tracker.run_id, records=parts.tracker.records, results=state.results,
-        keep_last=parts.settings.trainer.keep_last, reference=rl.reference,
+        keep_last=parts.settings.trainer.keep_last,
+        reference=rl.reference if isinstance(rl.reference, torch.nn.Module) else None,  # a LoRA run's is the policy's
     )
     log.info("checkpoint at RL step %d: %s", rl_step, at)
 
@@ -407,7 +423,8 @@ def save_final_model(model: Any, tokenizer: Any, path: Path, dtype: str) -> None
     """Save the HF model and tokenizer to ``path`` with weights in ``dtype`` (``float32`` or
     ``bfloat16``, ``trainer.save_dtype``). The in-memory ``model`` keeps its dtype: a converted
     copy of its state dict is saved (tied weights stay one tensor) and ``config.json`` names
-    ``dtype``; float32, the policy's own dtype, is saved as it is."""
+    ``dtype``; float32, the policy's own dtype, is saved as it is. A peft model saves its adapter
+    only (``adapter_config.json``, ``adapter_model.safetensors``; no ``config.json``)."""
     if dtype == "float32":
         model.save_pretrained(path)
     else:
@@ -418,20 +435,25 @@ def save_final_model(model: Any, tokenizer: Any, path: Path, dtype: str) -> None
             for k, v in model.state_dict().items()
         }
         model.save_pretrained(path, state_dict=state)
-        config = copy.deepcopy(model.config)  # save_pretrained wrote the in-memory model's dtype
-        config.dtype = dtype
-        config.save_pretrained(path)
+        if not is_peft(model):
+            config = copy.deepcopy(model.config)  # save_pretrained wrote the in-memory model's dtype
+            config.dtype = dtype
+            config.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
 def final_eval_and_save(parts: RunParts, state: RunState) -> None:
     """The final eval (``final``), the final HF checkpoint in ``<run dir>/checkpoint/``
     (``trainer.save_checkpoint``, weights in ``trainer.save_dtype``; rank 0, full parameters
-    gathered) and the ``final/...`` summary."""
+    gathered; a LoRA run's is its adapter, and with ``model.lora.save_merged`` the merged model
+    goes to ``<run dir>/checkpoint_merged/``) and the ``final/...`` summary."""
     run_eval(parts, state, "final")
     t = parts.settings.trainer
     if t.save_checkpoint:
         with _full_parameters(state):
             if parts.dist.is_main:
                 save_final_model(parts.model, parts.tokenizer, parts.run_dir / "checkpoint", t.save_dtype)
+                if is_peft(parts.model) and parts.settings.model.lora.save_merged:
+                    save_final_model(merged_model(parts.model), parts.tokenizer, parts.run_dir / "checkpoint_merged",
+                                     t.save_dtype)
     parts.tracker.summary({f"final/{k}": v for k, v in state.results["final"].items()})

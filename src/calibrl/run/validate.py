@@ -116,6 +116,32 @@ def _self_label_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
     ]
 
 
+def _lora_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
+    """``(failed, message)`` for ``model.adapter`` (refused in training) and, when LoRA is on, the
+    values of ``model.lora`` and the ZeRO-3 policy (refused)."""
+    from calibrl.lora import check_lora_settings
+
+    problems = [(
+        bool(cfg.model.adapter),
+        f"model.adapter={cfg.model.adapter!r} is for calibrl-eval (a LoRA run's adapter, loaded for inference); "
+        "calibrl-train trains new adapters with model.lora.enabled=true, or full weights from a merged model "
+        "(model=hf model.name_or_path=<run dir>/checkpoint_merged)",
+    )]
+    if not cfg.model.lora.enabled:
+        return problems
+    try:
+        check_lora_settings(OmegaConf.to_object(cfg.model.lora))
+    except ValueError as err:
+        problems.append((True, err.args[0]))
+    problems.append((
+        cfg.deepspeed.enabled and cfg.deepspeed.stage == 3,
+        "model.lora.enabled=true is not supported with ZeRO-3: the KL reference (the policy with its adapters off) "
+        "and the merged bf16 sampling copy need the whole frozen base on every rank, and the adapters' optimizer "
+        "state is small; use deepspeed=zero2",
+    ))
+    return problems
+
+
 def _value_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
     """``(failed, message)`` for every value check; each message names its key."""
     checks = [
@@ -160,7 +186,7 @@ def _value_problems(cfg: DictConfig) -> list[tuple[bool, str]]:
         ("data.train_size", 1),
     ):
         checks.append((OmegaConf.select(cfg, key) < low, f"{key} must be >= {low}, got {OmegaConf.select(cfg, key)}"))
-    return checks + _self_label_problems(cfg)
+    return checks + _self_label_problems(cfg) + _lora_problems(cfg)
 
 
 def _check_paths(cfg: DictConfig) -> None:
