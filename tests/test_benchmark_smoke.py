@@ -82,3 +82,24 @@ def test_rl_step_benchmark_calibrl_only(rl_step, tmp_path):
     assert s["step_s_median"] > 0 and s["rollout_tokens_per_s"] > 0 and s["peak_rss_mb"] > 0
     assert "speedup_trl_over_calibrl_step_s" not in report
     assert report["runs"]["calibrl"]["variant"].startswith("skips zero-advantage rows")
+
+
+def test_lora_benchmark_measures_every_arm_with_peft_s_counts(tmp_path):
+    """``benchmarks/lora.py`` on the tiny model, one timed step per arm: every arm reports a
+    positive peak RSS and step time, full fine-tuning trains every parameter, LoRA peft's count."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import lora
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "lora.json"
+    lora.main(["--model", "tiny", "--steps", "1", "--warmup", "0", "--threads", "1", "--rank", "4", "--out", str(out),
+               "algo.prompts_per_step=2", "algo.group_size=2", "algo.max_new_tokens=8"])
+    arms = json.loads(out.read_text())["arms"]
+    assert set(arms) == {"full", "lora_merged", "lora_adapter", "full_kl", "lora_kl"}
+    for name, r in arms.items():
+        assert r["peak_rss_mb"] > 0 and r["step_s_median"] > 0 and r["generate_s_median"] > 0, name
+    assert arms["full"]["trainable_params"] == arms["full"]["total_params"]
+    # r=4 on every linear layer of the tiny model's 2 layers (see tests/run/test_lora_run.py): 8192
+    assert arms["lora_merged"]["trainable_params"] == arms["lora_kl"]["trainable_params"] == 8192
+    assert arms["lora_merged"]["total_params"] == arms["full"]["total_params"] + 8192
