@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelSpec", "check_model_files", "load_policy", "materialize_gguf"]
+__all__ = ["ModelSpec", "check_model_files", "honour_umask", "load_policy", "materialize_gguf"]
 
 
 @dataclass
@@ -115,6 +115,7 @@ def materialize_gguf(package: str, gguf_file: str, target: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        honour_umask(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
             os.rename(tmp, target)
@@ -125,6 +126,23 @@ def materialize_gguf(package: str, gguf_file: str, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give every file under ``path`` the mode a plain ``open()`` would (``0o666`` less the
+    process umask). ``safetensors`` writes its weights file through a private temporary file, so a
+    saved ``model.safetensors`` is otherwise ``0600``: unreadable by the other users of a shared
+    run or cache directory, unlike the ``config.json`` beside it. Directories are left as they are.
+
+    Raises:
+        OSError: a file's mode cannot be changed (not its owner).
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    for f in Path(path).rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            os.chmod(f, mode)
 
 
 def _is_local(path: str) -> bool:

@@ -315,3 +315,16 @@ def test_no_expected_confidence_without_a_grid(monkeypatch, tmp_path):
     report = json.loads((out / "eval.json").read_text())["datasets"]["custom"]
     assert set(report["signals"]) == {"verbalized"}
     assert all(p["expected_confidence"] is None for p in _records(out / "predictions.jsonl"))
+
+
+def test_help_lists_the_groups_eval_takes_and_no_training_group():
+    from calibrl.eval.job import GROUPS
+
+    proc = _eval_cli("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert ", ".join(GROUPS) in groups
+    # Hydra's default help lists every group under conf/ as "group: options"; no training group appears so.
+    for name in ("algo:", "trainer:", "objective:", "deepspeed:", "experiment:"):
+        assert name not in groups
+    assert "checkpoint:" in proc.stdout  # the composed config follows

@@ -56,6 +56,27 @@ def test_tradeoff_path_skips_non_finite_points_and_labels_stages():
     assert [t.get_text() for t in empty.texts] == ["no finite (ECE, accuracy) point"]
 
 
+def test_curves_mark_an_all_undefined_panel_and_tick_whole_steps():
+    undefined = _band([1, 2, 3], [NAN] * 3, [NAN] * 3, [NAN] * 3)  # e.g. AUROC when no answer was right
+    a = _band([1, 2, 3], [0.2, 0.3, 0.4], [0.1, 0.2, 0.3], [0.3, 0.4, 0.5])
+    fig = curves_figure({"accuracy": {"a": a}, "auroc": {"a": undefined}}, n_cols=2)
+    acc, auroc = fig.axes[:2]
+    assert [t.get_text() for t in auroc.texts] == ["no data"] and len(acc.texts) == 0
+    fig.canvas.draw()
+    ticks = acc.get_xticks()
+    assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks)  # 3 steps: no 1.5, 2.5
+
+
+def test_tradeoff_labels_do_not_overprint_a_point_on_an_earlier_one():
+    # step6 sits on sft (within 2% of the axes' span): its label is dropped; final is always labelled
+    fig = tradeoff_figure({"a": ([0.30, 0.3001, 0.10, 0.1001], [0.50, 0.5001, 0.70, 0.7001],
+                                 ["sft", "step6", "step12", "final"])})
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["sft", "step12", "final"]
+    start, end = ax.texts[0], ax.texts[-1]
+    assert start.xyann == (4, 4) and end.xyann == (4, -10)  # final's label goes below its star
+
+
 def test_comparison_figures_refuse_bad_input_before_writing(tmp_path):
     path = tmp_path / "never" / "plot.png"
     band = _band([0, 1, 2], [0.0] * 3, [0.0] * 3, [0.0] * 3)

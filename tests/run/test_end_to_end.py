@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,28 @@ def test_tiny_run_writes_metrics_checkpoint_and_wandb(tiny_run):
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "calibrl.train", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
+
+
+def test_saved_files_follow_the_umask_not_safetensors_private_mode(tiny_run, tmp_path):
+    """safetensors writes model.safetensors 0600; every saved file gets 0o666 less the umask."""
+    from calibrl.models import honour_umask
+
+    run_dir, _ = tiny_run
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [f for f in (run_dir / "checkpoint").iterdir() if f.is_file()]
+    assert "model.safetensors" in {f.name for f in files}
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~mask) for f in files}
+    private = tmp_path / "d" / "w.bin"
+    private.parent.mkdir()
+    private.write_bytes(b"x")
+    os.chmod(private, 0o600)
+    old = os.umask(0o027)
+    try:
+        honour_umask(tmp_path / "d")
+    finally:
+        os.umask(old)
+    assert private.stat().st_mode & 0o777 == 0o640
 
 
 def test_cli_prints_composed_config():

@@ -156,3 +156,43 @@ def test_a_resumed_run_keeps_the_self_label_eval_and_does_not_redo_it(tmp_path, 
     assert list(resumed) == ["sft", "self_label", "final"]
     assert json.dumps(resumed["self_label"]) == json.dumps(whole["self_label"])
     assert json.dumps(_strip(read_records(d / "metrics.jsonl"))) == json.dumps(_strip(whole_records))
+
+
+def _tune_script():
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("tune_self_label", REPO / "scripts" / "tune_self_label.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tuning_script_scores_sft_and_each_candidate_on_a_split_without_held_out_items(tmp_path, monkeypatch):
+    """scripts/tune_self_label.py: one row for the SFT model, one per candidate; the validation
+    questions exclude every held-out one (debug=default: 8 held-out items, eval_seed=2)."""
+    from omegaconf import OmegaConf
+
+    from calibrl.data import build_splits
+
+    tune = _tune_script()
+    monkeypatch.setenv("CALIBRL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "rows.jsonl"
+    assert tune.main(["model=tiny", "debug=default", "trainer.sft.cache=false", "--val-seed", "2", "--val-size", "12",
+                      "--candidate", "loss_on=completion", "--candidate", "loss_on=confidence,lr=1e-5",
+                      "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["candidate"] for r in rows] == ["sft", "loss_on=completion", "loss_on=confidence,lr=1e-5"]
+    cfg = compose_config(["model=tiny", "debug=default"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    held_out = {e.question for e in build_splits(**data).eval}
+    val = build_splits(**(data | {"eval_size": 12, "train_size": 0})).eval
+    # the same seed as the held-out set: its first 8 questions are those 8, so at most 4 remain
+    expected = sum(e.question not in held_out for e in val)
+    assert expected <= 4 and all(r["n"] == expected for r in rows)
+    assert tune._is_grid_string("0.05") and tune._is_grid_string(" 1.00 ")
+    assert not any(tune._is_grid_string(a) for a in ("5", "-0.05", "10.5", None, "0.5"))
+    with pytest.raises(SystemExit, match="unknown trainer.self_label field 'epoch'"):
+        tune._candidate("epoch=3")
+    assert tune._candidate("lr=2e-5,loss_on=completion,epochs=1") == {"lr": 2e-5, "loss_on": "completion", "epochs": 1}

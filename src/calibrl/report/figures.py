@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from calibrl.eval.plots import PANEL_SIZE, grid_figure, save_figure
 from calibrl.report.aggregate import Band
@@ -84,10 +85,12 @@ def curves_figure(
             spread = np.vstack([band.mean - band.low, band.high - band.mean])
             ax.errorbar(band.x, band.mean, yerr=spread, fmt="o", color=colours[arm], markeredgecolor="black",
                         markersize=5, capsize=3, linewidth=1)
-        if not bands and not markers.get(metric):
+        finite = [b for b in [*bands.values(), *markers.get(metric, {}).values()] if np.isfinite(b.mean).any()]
+        if not finite:  # no arm, or only undefined values (e.g. AUROC where every answer was wrong)
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 2.5
         ax.grid(alpha=0.3)
     _curves_legend(fig, axes[len(panels):], colours)
     if title:
@@ -156,8 +159,14 @@ def tradeoff_figure(paths: Mapping[str, TradeoffPath], *, title: str | None = No
         ax.plot(x, y, color=colours[arm], linewidth=1.2, marker="o", markersize=4, label=arm)
         ax.plot(x[0], y[0], marker="o", markersize=9, markerfacecolor="none", color=colours[arm])
         ax.plot(x[-1], y[-1], marker="*", markersize=14, color=colours[arm], markeredgecolor="black")
-        for xi, yi, name in zip(x, y, names, strict=True):
-            ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colours[arm])
+        labelled: list[tuple[float, float]] = []
+        near = 0.02 * max(np.ptp(x), np.ptp(y), 1e-9)  # a label within this of an earlier one would overprint it
+        for i, (xi, yi, name) in enumerate(zip(x, y, names, strict=True)):
+            if i == len(names) - 1 or all(abs(xi - a) > near or abs(yi - b) > near for a, b in labelled):
+                last = i == len(names) - 1 and len(names) > 1
+                ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, -10) if last else (4, 4), fontsize=7,
+                            color=colours[arm])
+                labelled.append((xi, yi))
     ax.set_xlabel("ECE (lower is better)")
     ax.set_ylabel("accuracy (higher is better)")
     ax.set_title(title or "Accuracy vs ECE over training", fontsize=10)

@@ -111,6 +111,7 @@ class SamplingCopy:
         for p in self.model.parameters():
             p.data = p.data.to(dtype)
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._own: dict[str, torch.Tensor] | None = None  # LoRA: the copy's parameters by name
 
     def _match(self, policy: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         own = dict(self.model.named_parameters())
@@ -134,7 +135,9 @@ class SamplingCopy:
         """
         with torch.no_grad():
             if is_peft(policy):
-                own = dict(self.model.named_parameters())
+                if self._own is None:
+                    self._own = dict(self.model.named_parameters())
+                own = self._own
                 for name, merged in merged_lora_weights(policy):
                     if name not in own:
                         raise KeyError(f"adapted weight {name!r} of the policy has no counterpart in the sampling copy")

@@ -34,6 +34,7 @@ import torch
 
 from calibrl.device import rng_state, set_rng_state
 from calibrl.distributed import barrier, dist_info
+from calibrl.models import honour_umask
 from calibrl.rl.engine import Engine
 
 __all__ = ["CheckpointState", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -123,6 +124,7 @@ def _finish(tmp: Path, final: Path, root: Path, keep_last: int, reference: Any, 
     if reference is not None:
         torch.save(reference.state_dict(), tmp / "reference.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    honour_umask(tmp)
     for f in tmp.rglob("*"):
         if f.is_file():
             with f.open("rb") as fh:

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import calibrl
 from calibrl.device import device_type, rng_state, set_rng_state
+from calibrl.models import honour_umask
 
 __all__ = [
     "SFTCacheEntry", "eval_files", "load_sft_cache", "save_sft_cache", "self_label_cache_dir", "self_label_cache_key",
@@ -148,6 +149,7 @@ def save_sft_cache(
         with (tmp / "rng.pkl").open("wb") as f:
             pickle.dump(rng_state(), f)
         (tmp / "entry.json").write_text(json.dumps({"records": records, "eval_scalars": eval_scalars, "stage": stage}))
+        honour_umask(tmp)
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)

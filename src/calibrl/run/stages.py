@@ -46,6 +46,7 @@ from calibrl.data.example import Example
 from calibrl.distributed import all_reduce_sum
 from calibrl.eval.evaluator import evaluate, report_json, write_predictions
 from calibrl.lora import AdapterReference, is_peft, merged_model, parameter_counts
+from calibrl.models import honour_umask
 from calibrl.rl.engine import Engine, TorchEngine
 from calibrl.rl.calibration import resolve_grid_step
 from calibrl.rl.grpo import GRPOTrainer
@@ -440,6 +441,7 @@ def save_final_model(model: Any, tokenizer: Any, path: Path, dtype: str) -> None
             config.dtype = dtype
             config.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    honour_umask(path)
 
 
 def final_eval_and_save(parts: RunParts, state: RunState) -> None:
