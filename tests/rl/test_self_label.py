@@ -94,6 +94,7 @@ def test_label_set_by_hand():
     assert (out.fit, out.label) == (fit, label)
     assert [it.example.id for it in out.items] == [f"q{i}" for i in label[:3]]
     assert [it.confidence for it in out.items] == pytest.approx([0.0, 0.35, 0.65])
+    assert [it.correct for it in out.items] == [False, True, True]  # the verdicts (loss_on=verified)
     assert out.items[1].head == f"<think>w{label[1]}</think>\n<answer>{label[1]}</answer>\n<confidence>"
     m = out.metrics
     assert (m["self_label/n_fit"], m["self_label/fit_points"], m["self_label/n_label"], m["self_label/n_dropped"]) == (
@@ -147,7 +148,11 @@ def test_confidence_only_mask_covers_the_value_the_closing_tag_and_eos(tiny, bui
     assert labels[-len(learnt):] == learnt and all(y == -100 for y in labels[: -len(learnt)])
     ((ids2, labels2),) = label_rows(tok, builder, [item], "completion")
     assert ids2 == ids and labels2 == [-100] * len(prompt) + ids[len(prompt):]
-    with pytest.raises(ValueError, match="valid choices: completion, confidence"):
+    # verified: the whole completion of a verified-correct answer, the tail alone of a wrong one
+    right = Relabelled(item.example, HEAD, 0.35, correct=True)
+    ((ids3, labels3), (ids4, labels4)) = label_rows(tok, builder, [right, item], "verified")
+    assert ids3 == ids4 == ids and labels3 == labels2 and labels4 == labels
+    with pytest.raises(ValueError, match="valid choices: completion, confidence, verified"):
         label_rows(tok, builder, [item], "answer")
 
 
@@ -160,7 +165,7 @@ def test_fine_tune_takes_its_loss_on_the_confidence_tokens_only(tiny, builder):
     n_tail = sum(y != -100 for y in labels)
     expected = -sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n_tail, len(ids))) / n_tail
     seen = []
-    trainer = TrainerConfig(bf16=False, self_label=SelfLabelConfig(epochs=1, batch_size=1))
+    trainer = TrainerConfig(bf16=False, self_label=SelfLabelConfig(epochs=1, batch_size=1, loss_on="confidence"))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay, the loss is the first one's
     steps = self_label_warmup(model, tok, builder, [item], trainer, opt, None, lambda i, m: seen.append(m))
     assert steps == 1 and set(seen[0]) == {"self_label/loss", "self_label/lr", "self_label/grad_norm"}

@@ -29,7 +29,7 @@ BASE = ["model=tiny", "debug=default", "trainer.self_label.enabled=true"]
     (["trainer.self_label.signal=entropy"],
      "unknown trainer.self_label.signal 'entropy'; valid choices: agreement, answer_prob"),
     (["trainer.self_label.loss_on=answer"],
-     "unknown trainer.self_label.loss_on 'answer'; valid choices: completion, confidence"),
+     "unknown trainer.self_label.loss_on 'answer'; valid choices: completion, confidence, verified"),
     (["trainer.self_label.fit_fraction=0"], "trainer.self_label.fit_fraction must be in (0, 1), got 0"),
     (["trainer.self_label.fit_fraction=1.0"], "trainer.self_label.fit_fraction must be in (0, 1), got 1.0"),
     (["trainer.self_label.num_examples=3"], "trainer.self_label.num_examples must be >= 4, got 3"),
