@@ -14,7 +14,7 @@ share of answers that are a confidence-grid string (``0.05``) where the SFT mode
 failure of training confidence tokens alone (the answer slot learns to write confidences).
 
   PYTHONPATH=src .venv/bin/python scripts/tune_self_label.py seed=0 \\
-      --candidate loss_on=confidence --candidate loss_on=completion --candidate loss_on=completion,lr=2e-5
+      --candidate loss_on=confidence,lr=5e-5 --candidate loss_on=completion,lr=5e-5 --candidate loss_on=completion,lr=2e-5
 
 Positional arguments are Hydra overrides of the main config (``experiment=rlcr_selflabel`` and
 ``trainer.sft.cache=true`` are added first: the SFT warm-up comes from the cache when one matches).
