@@ -210,7 +210,8 @@ class SelfLabelConfig:
     n_samples: int = 4  # agreement: sampled answers per question
     # completion (all tokens) | confidence (value tokens only) | verified (all where correct, else value). With
     # loss_on and lr chosen on a validation split (scripts/tune_self_label.py, docs/results.md): confidence
-    # tokens alone taught the answer slot to write confidences; lr 5e-5 cost 0.05 accuracy, 2e-5 none.
+    # tokens alone taught the answer slot to write confidences; lr 5e-5 cost 0.05 validation accuracy, 2e-5
+    # none (held out, after the fact: 0.01-0.04 over 3 seeds).
     loss_on: str = "completion"
     epochs: int = 2  # passes over the relabelled completions
     batch_size: int = 8  # relabelled completions per optimizer step
