@@ -55,7 +55,10 @@ def _candidate(text: str) -> dict[str, object]:
         if field is None:
             raise SystemExit(f"--candidate: unknown trainer.self_label field {key!r}")
         kind = type(getattr(SelfLabelConfig(), key))
-        out[key] = kind(value)
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"--candidate: trainer.self_label.{key} must be a {kind.__name__}, got {value!r}") from None
     return out
 
 

@@ -195,4 +195,6 @@ def test_tuning_script_scores_sft_and_each_candidate_on_a_split_without_held_out
     assert not any(tune._is_grid_string(a) for a in ("5", "-0.05", "10.5", None, "0.5"))
     with pytest.raises(SystemExit, match="unknown trainer.self_label field 'epoch'"):
         tune._candidate("epoch=3")
+    with pytest.raises(SystemExit, match="trainer.self_label.lr must be a float, got 'fast'"):
+        tune._candidate("lr=fast")
     assert tune._candidate("lr=2e-5,loss_on=completion,epochs=1") == {"lr": 2e-5, "loss_on": "completion", "epochs": 1}
