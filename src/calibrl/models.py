@@ -128,6 +128,20 @@ def materialize_gguf(package: str, gguf_file: str, target: Path) -> Path:
     return target
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``):
+    setting it to read it back would leave other threads (W&B's writer) a moment with umask 0."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def honour_umask(path: str | Path) -> None:
     """Give every file under ``path`` the mode a plain ``open()`` would (``0o666`` less the
     process umask). ``safetensors`` writes its weights file through a private temporary file, so a
@@ -137,9 +151,7 @@ def honour_umask(path: str | Path) -> None:
     Raises:
         OSError: a file's mode cannot be changed (not its owner).
     """
-    mask = os.umask(0)
-    os.umask(mask)
-    mode = 0o666 & ~mask
+    mode = 0o666 & ~_umask()
     for f in Path(path).rglob("*"):
         if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
             os.chmod(f, mode)
