@@ -153,6 +153,49 @@ def test_expected_path_raises_its_own_expected_score(tiny, builder):
     assert all(b > a for a, b in zip(scores, scores[1:]))
 
 
+def _update_grads(trainer, rollout):
+    """The gradient of one update of ``trainer`` on ``rollout`` (the engine's step records it
+    instead of stepping) and the update's results."""
+    grads = {}
+
+    def record():
+        grads.update({n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None})
+        trainer.engine.zero_grad()
+        return 1.0
+
+    trainer.engine.step = record
+    parsed, rewards, cal = _scored(trainer, rollout)
+    out = trainer.update(rollout, trainer.advantages(rollout, parsed, rewards, cal), cal)
+    return grads, out, cal
+
+
+@pytest.mark.parametrize("micro_batch_size, bf16, tol", [(4, False, 1e-5), (1, False, 1e-5), (4, True, 2e-2)])
+def test_expected_loss_on_the_policy_forward_equals_its_own_forwards(tiny, builder, micro_batch_size, bf16, tol):
+    """The expected path's loss computed on the KV cache of the micro-batch's policy forward (one
+    backward) and by its own context forwards (the gradient-checkpointing fallback) give the same
+    loss, readout and gradient (under bf16 autocast: up to bf16 rounding)."""
+    model, tok = tiny
+    rollout = text_rollout(tok, builder)
+    warm = _format_warm_up(model, rollout)
+    kw = dict(calibration="expected", micro_batch_size=micro_batch_size, bf16=bf16)
+    fused = make_trainer(copy.deepcopy(warm), tok, builder, **kw)
+    apart = make_trainer(copy.deepcopy(warm), tok, builder, **kw)
+    apart.calibration.fuses_forward = False
+    calls = []
+    apart.calibration.loss_on_forward = lambda *a: calls.append(a)  # never called when not fused
+    g1, out1, cal1 = _update_grads(fused, rollout)
+    g2, out2, cal2 = _update_grads(apart, rollout)
+    assert not calls and out1["calibration_loss"] != 0
+    assert out1["calibration_loss"] == pytest.approx(out2["calibration_loss"], rel=tol)
+    assert out1["loss"] == pytest.approx(out2["loss"], rel=tol, abs=1e-7)
+    assert np.allclose(cal1.expected_confidence, cal2.expected_confidence, atol=tol / 10, equal_nan=True)
+    assert np.allclose(cal1.score, cal2.score, atol=tol / 10)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        scale = float(g2[name].abs().max())
+        assert torch.allclose(g1[name], g2[name], atol=tol * max(scale, 1.0)), name
+
+
 def test_branch_path_samples_k_confidences_and_baselines_them(tiny, builder):
     model, tok = tiny
     rollout = text_rollout(tok, builder)

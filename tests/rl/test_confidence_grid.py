@@ -226,3 +226,51 @@ def test_the_prefix_tree_forward_equals_the_cache_forward(tiny):
     assert torch.allclose(a, b, atol=1e-4)
     for x, y in zip(ga, (p.grad for p in m.parameters())):
         assert torch.allclose(x, y, atol=1e-4)
+
+
+def test_the_grid_on_the_policy_forward_cache_equals_a_separate_forward(tiny):
+    """grid_logprobs_on_cache (the tree run on the KV cache of the policy forward) gives
+    grid_logprobs_tree's values, and the gradient of a policy loss plus a grid loss in one backward
+    equals the sum of the two backwards run apart."""
+    from calibrl.rl.confidence_grid import grid_logprobs_on_cache, grid_logprobs_tree
+    from calibrl.rl.rollout import completion_forward, completion_logprobs
+
+    model, tok = tiny
+    cands = ConfidenceGrid(0.05).token_ids(tok)
+    rollout = _rollout(tok)
+    parsed = [parse_completion(t) for t in rollout.texts]
+    rows, ends = confidence_contexts(tok, rollout, parsed, CompletionFormat())
+    assert rows.tolist() == [0, 3]
+    m = copy.deepcopy(model)
+    # apart: the policy loss's backward, then the grid loss's
+    lp = completion_logprobs(m, rollout)
+    lp.sum().backward()
+    a = grid_logprobs_tree(m, rollout, rows, ends, cands, tok.pad_token_id)
+    (a[:, 3] - a[:, 7]).sum().backward()
+    ga = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    # together: one forward of the rows, the tree on its cache, one backward
+    fwd = completion_forward(m, rollout)
+    assert torch.allclose(fwd.logprobs, lp, atol=1e-5)
+    b = grid_logprobs_on_cache(m, fwd, rows, ends, cands)
+    assert b.shape == (2, 21) and torch.allclose(a, b, atol=1e-4)
+    (fwd.logprobs.sum() + (b[:, 3] - b[:, 7]).sum()).backward()
+    for x, y in zip(ga, (p.grad for p in m.parameters())):
+        assert torch.allclose(x, y, atol=1e-4)
+    # a subset of rows in another order; none at all
+    fwd = completion_forward(m, rollout)
+    with torch.no_grad():
+        c = grid_logprobs_on_cache(m, fwd, rows.flip(0), ends.flip(0), cands)
+    assert torch.allclose(c, a.detach().flip(0), atol=1e-4)
+    assert grid_logprobs_on_cache(m, fwd, rows[:0], ends[:0], cands).shape == (0, 21)
+
+
+def test_the_grid_on_a_cache_refuses_a_forward_without_one(tiny):
+    from calibrl.rl.confidence_grid import grid_logprobs_on_cache
+    from calibrl.rl.rollout import CompletionForward
+
+    model, tok = tiny
+    rollout = _rollout(tok)
+    with pytest.raises(ValueError, match="needs the KV cache"):
+        grid_logprobs_on_cache(model, CompletionForward(torch.zeros(5, 1), None, rollout), torch.tensor([0]),
+                               torch.tensor([3]), [[1], [2]])

@@ -20,7 +20,12 @@ every well-formed rollout, before the update, and logs the *expected stated conf
     rules' worst value (:func:`calibrl.objectives.calibration.expected_score`), M the number of
     well-formed rollouts of the step (all ranks). (Renormalised over the grid instead, the loss
     left the off-grid mass free: a first run of this arm lost format, 0.998 -> 0.844.) It is added to the policy loss of the
-    micro-batch that holds the rollout (its gradient joins theirs).
+    micro-batch that holds the rollout (its gradient joins theirs). The grid's prefix tree runs on
+    the KV cache of the micro-batch's policy forward (:func:`calibrl.rl.confidence_grid.grid_logprobs_on_cache`:
+    only the context's last token and the tree's 36 tokens are new), and one backward takes both
+    losses; under gradient checkpointing, where that cache is off, the contexts run again on
+    their own (:func:`calibrl.rl.confidence_grid.grid_logprobs_tree`, chunked, see Memory). Both
+    give the same loss and gradient up to float rounding (tested).
 
 ``branch`` (the answer fixed, as Rewarding Doubt, arXiv:2503.02623)
     The same GRPO reward and masking as ``expected``. For each well-formed rollout, K =
@@ -37,9 +42,11 @@ no calibration loss, keeps its GRPO advantage on every token (its format reward 
 format part is negative on all of them), and its logged calibration score is the scoring rule's
 worst value, never better than any well-formed rollout's (``train/calibration_score``).
 
-Memory: a path's own loss is run and backpropagated in chunks of :data:`CONTEXTS_PER_CHUNK`
-contexts, after the micro-batch's policy-loss backward (gradients add up), so its graph never
-holds more than one chunk.
+Memory: a path's own loss that runs forwards of its own (``branch``; ``expected`` under gradient
+checkpointing) is run and backpropagated in chunks of :data:`CONTEXTS_PER_CHUNK` contexts, after
+the micro-batch's policy-loss backward (gradients add up), so its graph never holds more than one
+chunk. ``expected`` on the policy forward's cache adds the tree tokens of the micro-batch's
+contexts (``trainer.micro_batch_size`` rows at most) to that forward's graph.
 
 Limits (refused at start-up, :func:`check_calibration_settings`): ``expected`` and ``branch`` run
 extra forwards and backward calls whose count differs between ranks, so not under DeepSpeed
@@ -71,10 +78,11 @@ from calibrl.rl.confidence_grid import (
     context_ids,
     expected_confidence,
     grid_distribution,
+    grid_logprobs_on_cache,
     grid_logprobs_tree,
 )
 from calibrl.rl.loss import clipped_policy_loss
-from calibrl.rl.rollout import Rollout, completion_logprobs, sample_from_ids
+from calibrl.rl.rollout import CompletionForward, Rollout, completion_logprobs, sample_from_ids
 
 if TYPE_CHECKING:
     from calibrl.rl.grpo import GRPOTrainer
@@ -203,6 +211,10 @@ class CalibrationPath:
     #: The grid readout is a no-grad forward in :meth:`prepare`; ``expected`` takes it from its
     #: own gradient forward instead (the same pre-update policy: no optimizer step has run yet).
     readout_in_prepare = True
+    #: The path's loss can be computed on the KV cache of the micro-batch's policy forward
+    #: (:meth:`loss_on_forward`) and backpropagated with the policy loss, instead of by
+    #: :meth:`backward`'s own forwards (which the trainer still uses where that cache is off).
+    fuses_forward = False
 
     def __init__(self, trainer: "GRPOTrainer", grid_step: float) -> None:
         self.t, self.grid_step = trainer, grid_step
@@ -263,6 +275,14 @@ class CalibrationPath:
                                                      self.rules).numpy()
         return CalibrationBatch(rows, ends, target, expected_confidence=exp_conf, score=score, rollout=rollout)
 
+    def loss_on_forward(self, batch: CalibrationBatch, rows: torch.Tensor, n_contexts: float,
+                        fwd: CompletionForward) -> torch.Tensor | None:
+        """The calibration loss of the main-rollout ``rows`` (LongTensor ``[n]``, the micro-batch's
+        rows in order) computed on the policy forward ``fwd`` of that micro-batch (its KV cache),
+        a scalar tensor to add to the micro-batch's policy loss before its one backward; ``None``
+        when none of the rows has a context. Only for paths with :attr:`fuses_forward`."""
+        raise NotImplementedError(f"{type(self).__name__} has no loss on the policy forward")
+
     def backward(self, batch: CalibrationBatch, rows: torch.Tensor, n_contexts: float) -> float:
         """Backward of the calibration loss of the main-rollout ``rows`` of one micro-batch, in
         chunks of :data:`CONTEXTS_PER_CHUNK` contexts (each chunk's graph is freed before the
@@ -299,21 +319,39 @@ class ExpectedPath(CalibrationPath):
 
     replaces_reward = True
     readout_in_prepare = False
+    fuses_forward = True
+
+    def _loss(self, batch: CalibrationBatch, pos: torch.Tensor, probs: torch.Tensor, n_contexts: float) -> torch.Tensor:
+        """``-(1/M) sum E_m`` over the contexts ``pos`` (indices into ``batch.rows``) from their grid
+        probabilities as the model gives them, ``probs`` [len(pos), V] (the mass off the grid
+        scores the worst); the first call per context also fills its pre-update readout."""
+        # bf16 rounding can put a row a hair above 1 when (nearly) all its mass is on the grid
+        probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1.0)
+        target = torch.as_tensor(batch.target[pos.numpy()], dtype=torch.float32, device=probs.device)
+        e = expected_score(probs, self.grid.values.float(), target, self.rules)
+        idx = batch.rows[pos].numpy()
+        if np.isnan(batch.expected_confidence[idx]).any():  # the first epoch: the pre-update readout
+            renorm = (probs / probs.sum(dim=1, keepdim=True)).detach().cpu()
+            batch.expected_confidence[idx] = expected_confidence(renorm, self.grid.values).numpy()
+            batch.score[idx] = e.detach().double().cpu().numpy()
+        return -e.sum() / n_contexts
+
+    def loss_on_forward(self, batch, rows, n_contexts, fwd):
+        local = torch.nonzero(torch.isin(rows, batch.rows)).flatten()  # micro-batch rows with a context
+        if local.numel() == 0:
+            return None
+        where = {int(r): j for j, r in enumerate(batch.rows.tolist())}
+        pos = torch.tensor([where[int(r)] for r in rows[local].tolist()], dtype=torch.long)
+        lp = grid_logprobs_on_cache(self.t.policy, fwd, local, batch.ends[pos], self.candidates)
+        probs = torch.exp(lp.float())
+        with autocast(probs.device, None):  # the score in float32, as :meth:`backward` takes it
+            return self._loss(batch, pos, probs, n_contexts)
 
     def backward(self, batch, rows, n_contexts):
         def chunk_loss(pos: torch.Tensor) -> torch.Tensor:
             probs = self._grid_probs(self.t.policy, self.t.autocast_dtype, batch.rollout, batch.rows[pos],
                                      batch.ends[pos], grad=True, normalise=False)  # off-grid mass scores the worst
-            # bf16 rounding can put a row a hair above 1 when (nearly) all its mass is on the grid
-            probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1.0)
-            target = torch.as_tensor(batch.target[pos.numpy()], dtype=torch.float32, device=probs.device)
-            e = expected_score(probs, self.grid.values.float(), target, self.rules)
-            idx = batch.rows[pos].numpy()
-            if np.isnan(batch.expected_confidence[idx]).any():  # the first epoch: the pre-update readout
-                renorm = (probs / probs.sum(dim=1, keepdim=True)).detach().cpu()
-                batch.expected_confidence[idx] = expected_confidence(renorm, self.grid.values).numpy()
-                batch.score[idx] = e.detach().double().cpu().numpy()
-            return -e.sum() / n_contexts
+            return self._loss(batch, pos, probs, n_contexts)
 
         return self._backward_chunks(batch, rows, chunk_loss)
 

@@ -39,7 +39,7 @@ from calibrl.data.format import CompletionFormat
 from calibrl.device import module_device
 from calibrl.rewards.parsing import ParsedCompletion, parse_confidence
 from calibrl.rewards.spans import token_char_ends
-from calibrl.rl.rollout import Rollout, completion_logprobs
+from calibrl.rl.rollout import CompletionForward, Rollout, completion_logprobs
 
 __all__ = [
     "ConfidenceGrid",
@@ -48,6 +48,7 @@ __all__ = [
     "expected_confidence",
     "grid_distribution",
     "grid_logprobs",
+    "grid_logprobs_on_cache",
     "grid_logprobs_tree",
 ]
 
@@ -243,17 +244,69 @@ def grid_logprobs_tree(model: Any, rollout: Rollout, rows: torch.Tensor, ends: t
     """
     if len(rows) == 0:
         return torch.zeros((0, len(candidates)), device=module_device(model))
+    ids, mask = context_ids(rollout, rows, ends, pad_id)
+    no_past = torch.zeros((len(rows), 0), dtype=torch.bool)
+    return _tree_logprobs(model, ids, mask, no_past, torch.zeros(len(rows), dtype=torch.long), candidates)
+
+
+def grid_logprobs_on_cache(model: Any, fwd: CompletionForward, local_rows: torch.Tensor, ends: torch.Tensor,
+                           candidates: list[list[int]]) -> torch.Tensor:
+    """:func:`grid_logprobs_tree` on the KV cache of a policy forward that already ran the
+    contexts (:func:`calibrl.rl.rollout.completion_forward`): for each context only its last token
+    (recomputed, for the logits that predict the grid's first token) and the prefix tree run, the
+    rest of the context is read from the cache (its other columns masked out). Gradients reach
+    the cached positions through the cache, so one backward of the policy loss plus a loss on
+    these log-probs equals two separate backwards (up to float rounding; tested). The cache is
+    narrowed to ``local_rows`` (in place).
+
+    Args:
+        model: the causal LM that made ``fwd``.
+        fwd: its forward of a micro-batch (cache, trimmed rows).
+        local_rows: LongTensor ``[M]``, rows of ``fwd.rollout`` with a context.
+        ends: LongTensor ``[M]``, their context lengths in completion tokens (``0 < k <= L'``).
+        candidates: ``V`` token-id lists (:meth:`ConfidenceGrid.token_ids`).
+
+    Returns:
+        float32 ``[M, V]``, ``log P(candidate v | context m)`` in nats, on the model's device.
+
+    Raises:
+        ValueError: ``fwd`` has no cache, or its cache does not cover the trimmed columns.
+    """
+    if len(local_rows) == 0:
+        return torch.zeros((0, len(candidates)), device=module_device(model))
+    if fwd.cache is None:
+        raise ValueError("grid_logprobs_on_cache needs the KV cache of a shared-prefix forward")
+    r = fwd.rollout
+    p, w = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+    if fwd.cache.get_seq_length() != p + w:
+        raise ValueError(f"the cache holds {fwd.cache.get_seq_length()} columns, the rows {p + w}")
+    local_rows, ends = local_rows.to(r.prompt_ids.device), ends.to(r.prompt_ids.device)
+    last = ends - 1  # the context's last token, run again
+    prompt_ok = r.prompt_mask[local_rows].bool()
+    before_last = torch.arange(w, device=last.device)[None] < last[:, None]
+    past_ok = torch.cat([prompt_ok, before_last & r.completion_mask[local_rows].bool()], dim=1)
+    ids = r.completion_ids[local_rows].gather(1, last[:, None])
+    fwd.cache.batch_select_indices(local_rows)
+    start = prompt_ok.sum(dim=1) + last  # the last token's position
+    return _tree_logprobs(model, ids, torch.ones_like(ids), past_ok, start, candidates, fwd.cache)
+
+
+def _tree_logprobs(model: Any, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, past_ok: torch.Tensor,
+                   start: torch.Tensor, candidates: list[list[int]], cache: Any = None) -> torch.Tensor:
+    """The prefix-tree forward: ``ctx_ids``/``ctx_mask`` [M, p] (left padded) are the context
+    tokens run here, after the ``C`` cached columns of which ``past_ok`` [M, C] (bool) marks the
+    context's; ``start`` [M] is the position of the first token run here. Returns [M, V]."""
     device = module_device(model)
     tokens, parents, depths, paths = _trie(candidates)
-    ctx_ids, ctx_mask = context_ids(rollout, rows, ends, pad_id)
     m, p = ctx_ids.shape
-    t = len(tokens)
+    c, t = past_ok.shape[1], len(tokens)
     s = p + t
-    ids = torch.cat([ctx_ids, torch.tensor(tokens).expand(m, t)], dim=1).to(device)
-    n_ctx = ctx_mask.sum(dim=1)  # [M] real context tokens
-    positions = torch.cat([(ctx_mask.cumsum(dim=1) - 1).clamp_min(0),
+    ids = torch.cat([ctx_ids.cpu(), torch.tensor(tokens).expand(m, t)], dim=1).to(device)
+    ctx_mask, start = ctx_mask.cpu(), start.cpu()
+    n_ctx = start + ctx_mask.sum(dim=1)  # [M] the position after the context
+    positions = torch.cat([start[:, None] + (ctx_mask.cumsum(dim=1) - 1).clamp_min(0),
                            n_ctx[:, None] + torch.tensor(depths)[None]], dim=1).to(device)
-    # allowed[b, i, k]: query i may attend to key k
+    # allowed[b, i, k]: query i may attend to key k (the C cached columns first)
     causal = torch.tril(torch.ones(p, p, dtype=torch.bool))
     anc = torch.zeros(t, t, dtype=torch.bool)  # node j attends to node k: k is j or an ancestor of j
     for j in range(t):
@@ -261,19 +314,21 @@ def grid_logprobs_tree(model: Any, rollout: Rollout, rows: torch.Tensor, ends: t
         while k != -1:
             anc[j, k] = True
             k = parents[k]
-    key_ok = ctx_mask.bool()  # [M, P]
-    allowed = torch.zeros(m, s, s, dtype=torch.bool)
-    allowed[:, :p, :p] = causal[None] & key_ok[:, None, :]
-    allowed[:, p:, :p] = key_ok[:, None, :]
-    allowed[:, p:, p:] = anc[None]
-    allowed[:, torch.arange(s), torch.arange(s)] = True  # every query sees itself (padding rows too)
+    key_ok = ctx_mask.bool()  # [M, p]
+    allowed = torch.zeros(m, s, c + s, dtype=torch.bool)
+    allowed[:, :, :c] = past_ok.cpu()[:, None, :]
+    allowed[:, :p, c : c + p] = causal[None] & key_ok[:, None, :]
+    allowed[:, p:, c : c + p] = key_ok[:, None, :]
+    allowed[:, p:, c + p :] = anc[None]
+    allowed[:, torch.arange(s), c + torch.arange(s)] = True  # every query sees itself (padding rows too)
     # positions whose logits are needed: the context's last token and every node with children
     has_child = sorted({q for q in parents if q >= 0})
     keep = torch.zeros(m, s, dtype=torch.bool)
     keep[:, p - 1] = True
     keep[:, [p + q for q in has_child]] = True
+    kwargs = {} if cache is None else {"cache": cache, "use_cache": True}
     out = model(input_ids=ids, attention_mask=allowed[:, None].to(device), position_ids=positions,
-                logits_to_keep=keep.to(device))
+                logits_to_keep=keep.to(device), **kwargs)
     logits = out.logits.view(m, 1 + len(has_child), -1)  # row order: p - 1, then has_child in order
     logp = torch.log_softmax(logits.float(), dim=-1)
     slot = {q: 1 + i for i, q in enumerate(has_child)}

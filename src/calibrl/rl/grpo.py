@@ -94,7 +94,7 @@ from calibrl.rewards import ParsedCompletion, RewardBatch, RewardFunction, rewar
 from calibrl.rl.calibration import CALIBRATION_PATHS, CalibrationBatch
 from calibrl.rl.engine import Engine
 from calibrl.rl.loss import clipped_policy_loss
-from calibrl.rl.rollout import Rollout, SamplingCopy, completion_logprobs, generate_rollout
+from calibrl.rl.rollout import Rollout, SamplingCopy, completion_forward, completion_logprobs, generate_rollout
 from calibrl.rewards.scoring import score_completions
 
 __all__ = ["GRPOTrainer", "example_stream"]
@@ -255,9 +255,23 @@ class GRPOTrainer:
 
         Under gradient checkpointing (``trainer.gradient_checkpointing``) HF turns the KV cache
         off in training mode, so the shared-prefix forward gives way to the plain one."""
-        share = not (grad and getattr(model, "is_activation_checkpointing", False))
+        share = not (grad and self._checkpointing(model))
         with torch.set_grad_enabled(grad), autocast(module_device(model), self.autocast_dtype):
             return completion_logprobs(model, rollout, share_prefix=share)
+
+    @staticmethod
+    def _checkpointing(model: Any) -> bool:
+        """HF activation checkpointing is on (the KV cache is then off in training mode)."""
+        return bool(getattr(model, "is_activation_checkpointing", False))
+
+    def _logprobs_and_calibration_loss(self, mb: Rollout, cal: CalibrationBatch, rows: torch.Tensor,
+                                       n_contexts: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The policy's log-probs of micro-batch ``mb`` (``[n, L]``, with gradient) and the
+        calibration path's loss of its ``rows`` computed on the same forward's KV cache
+        (:meth:`calibrl.rl.calibration.CalibrationPath.loss_on_forward`; ``None``: no context)."""
+        with torch.enable_grad(), autocast(module_device(self.policy), self.autocast_dtype):
+            fwd = completion_forward(self.policy, mb)
+            return fwd.logprobs, self.calibration.loss_on_forward(cal, rows, n_contexts, fwd)
 
     @staticmethod
     def _bucket_order(rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
@@ -351,14 +365,23 @@ class GRPOTrainer:
         and the step: gradients zeroed, loss and grad norm NaN. With a calibration batch ``cal``,
         the calibration path's loss of the micro-batch's rows (``active``: ``sub``'s rows in the
         rollout) is backpropagated after the micro-batch's (chunked, gradients add up); its sum is
-        kept in ``self.calibration_loss``; a non-finite one skips the step like a non-finite loss."""
+        kept in ``self.calibration_loss``; a non-finite one skips the step like a non-finite loss.
+        A path that :attr:`~calibrl.rl.calibration.CalibrationPath.fuses_forward` computes it on
+        the micro-batch's policy forward instead and it joins that backward (not under gradient
+        checkpointing)."""
         a, world, mbs = self.algo, self.dist.world_size, self.trainer_cfg.micro_batch_size
         self.engine.zero_grad()
         loss_sum = clipped = kl_sum = 0.0
         self.calibration_loss = 0.0
+        use_cal = cal is not None and active is not None  # the calibration path's own loss (one process)
+        fused = use_cal and self.calibration.fuses_forward and not self._checkpointing(self.policy)
         for k, c in enumerate(slice(i, i + mbs) for i in range(0, len(sub), mbs)):
             mb = sub.select(c)
-            logp = self._logprobs(self.policy, mb, grad=True)  # on the policy's device
+            aux = None
+            if fused:  # its loss from the policy forward's KV cache, one backward for both
+                logp, aux = self._logprobs_and_calibration_loss(mb, cal, active[c], n_contexts)
+            else:
+                logp = self._logprobs(self.policy, mb, grad=True)  # on the policy's device
             res = clipped_policy_loss(
                 logp, old[k] if old is not None else logp.detach(), adv[c].to(logp.device),
                 mb.completion_mask.to(logp.device), clip_low=a.clip_low, clip_high=a.clip_high,
@@ -370,14 +393,20 @@ class GRPOTrainer:
                 # (A collective engine must run every micro-batch; its step() raises instead.)
                 self.engine.zero_grad()  # the micro-batches before the bad one
                 return math.nan, clipped, kl_sum, math.nan
-            # DeepSpeed averages gradients over ranks; the loss is normalised globally, so x W
-            self.engine.backward(res.loss * world if world > 1 else res.loss)
-            if cal is not None and active is not None:  # the calibration path's loss (one process)
-                aux = self.calibration.backward(cal, active[c], n_contexts)
-                if not math.isfinite(aux):
+            loss = res.loss * world if world > 1 else res.loss  # DeepSpeed averages over ranks: x W
+            if aux is not None:
+                if not torch.isfinite(aux):
                     self.engine.zero_grad()
                     return math.nan, clipped, kl_sum, math.nan
-                self.calibration_loss += aux
+                self.calibration_loss += float(aux.detach())
+                loss = loss + aux
+            self.engine.backward(loss)
+            if use_cal and not fused:  # the path's own forwards and backward calls
+                own = self.calibration.backward(cal, active[c], n_contexts)
+                if not math.isfinite(own):
+                    self.engine.zero_grad()
+                    return math.nan, clipped, kl_sum, math.nan
+                self.calibration_loss += own
             loss_sum += float(res.loss.detach())
             clipped += float(res.clipped_tokens)
             kl_sum += float(res.kl_sum)

@@ -29,7 +29,8 @@ from calibrl.device import autocast, module_device
 from calibrl.lora import is_peft, merged_lora_weights, merged_model
 from calibrl.rl.decode import decode_groups
 
-__all__ = ["Rollout", "SamplingCopy", "concat_rollouts", "generate_rollout", "completion_logprobs", "is_out_of_memory",
+__all__ = ["CompletionForward", "Rollout", "SamplingCopy", "concat_rollouts", "generate_rollout", "completion_forward",
+           "completion_logprobs", "is_out_of_memory",
            "sample_from_ids"]
 
 log = logging.getLogger(__name__)
@@ -412,6 +413,33 @@ def _trim_padding(rollout: Rollout) -> Rollout:
                    rollout.completion_mask[:, :hi], rollout.texts, rollout.group_index, rollout.truncated)
 
 
+@dataclass
+class CompletionForward:
+    """The policy forward of :func:`completion_forward`.
+
+    Attributes:
+        logprobs: float32 ``[N, L]`` completion-token log-probs (as :func:`completion_logprobs`).
+        cache: the model's KV cache of the ``[prompt | completion]`` columns of ``rollout``
+            (``N`` rows; keys of shape ``[N, heads, P' + L', head_dim]``), part of the autograd
+            graph (a later forward on it sends gradients back through this one).
+        rollout: the rows as run, trimmed of all-padding columns (``P'`` prompt and ``L'``
+            completion columns), on the model's device: the cache's column layout.
+    """
+
+    logprobs: torch.Tensor
+    cache: Any
+    rollout: Rollout
+
+
+def completion_forward(model: Any, rollout: Rollout) -> CompletionForward:
+    """:func:`completion_logprobs` (shared-prefix forward) that also returns the KV cache it built,
+    so a caller can run more tokens after any prefix of the completions (e.g. the confidence
+    grid's prefix tree, :func:`calibrl.rl.confidence_grid.grid_logprobs_on_cache`) without a
+    second forward of the context. Not for models whose cache is off (gradient checkpointing in
+    training mode). Args, Returns and Raises: as :func:`completion_logprobs`."""
+    return _completion_forward(model, rollout, share_prefix=True)
+
+
 def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True) -> torch.Tensor:
     """Log-probabilities of the completion tokens under ``model``.
 
@@ -444,6 +472,10 @@ def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True)
         ValueError: the model returned logits for other positions than the boolean
             ``logits_to_keep`` asked for.
     """
+    return _completion_forward(model, rollout, share_prefix).logprobs
+
+
+def _completion_forward(model: Any, rollout: Rollout, share_prefix: bool) -> CompletionForward:
     length = rollout.completion_ids.shape[1]
     rollout = _trim_padding(rollout.to(module_device(model)))
     n, width = rollout.completion_ids.shape  # width <= length: trailing padding cut
@@ -485,4 +517,5 @@ def completion_logprobs(model: Any, rollout: Rollout, share_prefix: bool = True)
         out = model(input_ids=torch.cat([rollout.prompt_ids, ids], dim=1), attention_mask=attn,
                     position_ids=positions, logits_to_keep=F.pad(mask, (p - 1, 1)))  # p - 1 + t predicts token t
         lp = zeros.masked_scatter(mask, _token_logprobs(out.logits, ids[mask]))  # [N, width]
-    return F.pad(lp, (0, length - width))
+        cache = None
+    return CompletionForward(F.pad(lp, (0, length - width)), cache, rollout)
