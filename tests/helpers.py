@@ -5,7 +5,8 @@
 - :func:`load_cases`: the repository's copy of the shared input cases (``tests/fixtures/cases``).
 - :func:`compose_config`, :func:`read_records`: the real training config and a run's metrics file.
 - :func:`tiny_spec`, :func:`hand_rollout`, :func:`make_trainer`: the tiny random Llama, a
-  hand-made rollout and a GRPO trainer over it.
+  hand-made rollout and a GRPO trainer over it; :func:`text_rollout` (:data:`SCRIPTED_TEXTS`) and
+  :func:`format_warm_up`: scripted completions and a copy of the model taught to write them.
 - :func:`write_run_dir`, :class:`FakeApiRun`, :class:`FakeWandbApi`: ``calibrl-compare`` input
   (run directories of arms ``a`` and ``b`` x seeds 0 and 1, :data:`RUN_EVALS`, with metrics worked
   out by hand) and the same runs behind a fake ``wandb.Api``.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -29,7 +31,7 @@ from calibrl.models import ModelSpec
 from calibrl.rewards import RewardFunction
 from calibrl.rl.engine import TorchEngine
 from calibrl.rl.grpo import GRPOTrainer
-from calibrl.rl.rollout import Rollout
+from calibrl.rl.rollout import Rollout, completion_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -110,6 +112,44 @@ def hand_rollout(tok, builder) -> Rollout:
         enc.input_ids.repeat_interleave(2, dim=0), enc.attention_mask.repeat_interleave(2, dim=0),
         comp, mask, [""] * 4, torch.tensor([0, 0, 1, 1]),
     )
+
+
+# B=2 prompts x G=2: e0 (gold 5) right+confident, right but malformed confidence;
+# e1 (gold 35) wrong, and no confidence at all.
+SCRIPTED_TEXTS = [
+    "<think>2+3</think><answer>5</answer><confidence>0.80</confidence>",
+    "<think>2+3</think><answer>5</answer><confidence>high</confidence>",
+    "<think>12+30-7</think><answer>36</answer><confidence>0.30</confidence>",
+    "<think>12+30-7</think><answer>35</answer>",
+]
+
+
+def text_rollout(tok, builder, texts=SCRIPTED_TEXTS, examples=EXAMPLES[:2]) -> Rollout:
+    """Four completions ``texts`` (default :data:`SCRIPTED_TEXTS`), two per prompt of ``examples``,
+    tokenized as the policy would have written them."""
+    enc = tok([builder.prompt(e) for e in examples], return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    width = max(map(len, ids))
+    comp = torch.full((len(ids), width), tok.pad_token_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        comp[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return Rollout(enc.input_ids.repeat_interleave(2, dim=0), enc.attention_mask.repeat_interleave(2, dim=0),
+                   comp, mask, list(texts), torch.tensor([0, 0, 1, 1]))
+
+
+def format_warm_up(model, rollout, steps=40):
+    """Teach a copy of the random tiny model to write the two well-formed completions (rows 0 and
+    2), so that it puts some mass on the confidence grid (as the SFT warm-up does before RL; without
+    it the grid's probability is ~e^-40 and so is the path's gradient)."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rows = rollout.select(torch.tensor([0, 2]))
+    for _ in range(steps):
+        opt.zero_grad()
+        (-completion_logprobs(model, rows).sum()).backward()
+        opt.step()
+    return model
 
 
 def rl_groups(**settings: Any) -> tuple[AlgoConfig, TrainerConfig, ObjectiveConfig]:

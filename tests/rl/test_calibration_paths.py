@@ -11,31 +11,7 @@ import torch
 from calibrl.objectives.calibration import expected_score
 from calibrl.rl.calibration import check_calibration_settings
 from calibrl.rl.confidence_grid import confidence_contexts
-from calibrl.rl.rollout import Rollout
-from helpers import EXAMPLES, compose_config, make_trainer
-
-# B=2 prompts x G=2: e0 (gold 5) right+confident, right but malformed confidence;
-# e1 (gold 35) wrong, and no confidence at all.
-TEXTS = [
-    "<think>2+3</think><answer>5</answer><confidence>0.80</confidence>",
-    "<think>2+3</think><answer>5</answer><confidence>high</confidence>",
-    "<think>12+30-7</think><answer>36</answer><confidence>0.30</confidence>",
-    "<think>12+30-7</think><answer>35</answer>",
-]
-
-
-def text_rollout(tok, builder, texts=TEXTS) -> Rollout:
-    """The four completions of TEXTS (2 groups of 2), tokenized as the policy would have written them."""
-    enc = tok([builder.prompt(e) for e in EXAMPLES[:2]], return_tensors="pt", padding=True, add_special_tokens=False)
-    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    width = max(map(len, ids))
-    comp = torch.full((len(ids), width), tok.pad_token_id)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        comp[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    return Rollout(enc.input_ids.repeat_interleave(2, dim=0), enc.attention_mask.repeat_interleave(2, dim=0),
-                   comp, mask, list(texts), torch.tensor([0, 0, 1, 1]))
-
+from helpers import EXAMPLES, compose_config, format_warm_up, make_trainer, text_rollout
 
 def _scored(trainer, rollout):
     examples = EXAMPLES[:2]
@@ -117,29 +93,13 @@ def test_expected_score_matches_the_grid_distribution(tiny, builder):
     assert np.allclose(cal.score[[0, 2]], want.numpy(), atol=1e-6)
 
 
-def _format_warm_up(model, rollout, steps=40):
-    """Teach a copy of the random tiny model to write the two well-formed completions (rows 0 and
-    2), so that it puts some mass on the confidence grid (as the SFT warm-up does before RL; without
-    it the grid's probability is ~e^-40 and so is the path's gradient)."""
-    from calibrl.rl.rollout import completion_logprobs
-
-    model = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    rows = rollout.select(torch.tensor([0, 2]))
-    for _ in range(steps):
-        opt.zero_grad()
-        (-completion_logprobs(model, rows).sum()).backward()
-        opt.step()
-    return model
-
-
 def test_expected_path_raises_its_own_expected_score(tiny, builder):
     """Updates on the same rollout (lr 1e-3, GRPO advantages zeroed) raise the expected Brier
     score of the contexts step after step: the path's own loss reaches the confidence
     probabilities, in the right direction."""
     model, tok = tiny
     rollout = text_rollout(tok, builder)
-    trainer = make_trainer(_format_warm_up(model, rollout), tok, builder, calibration="expected")
+    trainer = make_trainer(format_warm_up(model, rollout), tok, builder, calibration="expected")
     scores = []
     for _ in range(4):
         parsed, rewards, cal = _scored(trainer, rollout)
@@ -176,7 +136,7 @@ def test_expected_loss_on_the_policy_forward_equals_its_own_forwards(tiny, build
     loss, readout and gradient (under bf16 autocast: up to bf16 rounding)."""
     model, tok = tiny
     rollout = text_rollout(tok, builder)
-    warm = _format_warm_up(model, rollout)
+    warm = format_warm_up(model, rollout)
     kw = dict(calibration="expected", micro_batch_size=micro_batch_size, bf16=bf16)
     fused = make_trainer(copy.deepcopy(warm), tok, builder, **kw)
     apart = make_trainer(copy.deepcopy(warm), tok, builder, **kw)
@@ -230,7 +190,9 @@ def test_training_logs_the_expected_confidence(tiny, builder):
         (["objective.calibration=expected", "objective.grid_step=0.125"], "2 decimals"),
         (["objective.calibration=expected", "objective.grid_step=0.1"], "does not match the confidence grid"),
         (["objective.calibration=expected", "reward=rlvr"], "needs a scoring rule"),
-        (["objective.calibration=expected", "deepspeed=zero2"], "not supported under DeepSpeed"),
+        (["objective.calibration=branch", "deepspeed=zero2"], "branch is not supported under DeepSpeed"),
+        (["objective.calibration=expected", "deepspeed=zero2", "trainer.gradient_checkpointing=true"],
+         "gradient_checkpointing is not supported under DeepSpeed"),
         (["objective.calibration=branch", "algo.ppo_epochs=2"], "ppo_epochs=1"),
         (["objective.target=group_accuracy"], "apply to objective.calibration=expected"),
     ],
@@ -245,5 +207,6 @@ def test_good_settings_pass():
     for o in (["objective.calibration=expected", "objective.target=group_accuracy", "objective.gamma=0.5"],
               ["objective.calibration=branch", "objective.branches=2"],
               ["objective.calibration=expected", "objective.grid_step=0.05"],
+              ["objective.calibration=expected", "deepspeed=zero3"],
               ["objective.calibration=expected", "objective.grid_step=0.1", "trainer.sft.enabled=false"]):
         check_calibration_settings(compose_config(["model=tiny", "debug=default", *o]))

@@ -91,3 +91,37 @@ def test_zero3_generation_gathers_the_weights_and_ranks_generate_different_lengt
         assert result["grad_norm"] > 0.5  # the update changed the weights
         for when in ("before", "after"):
             assert result[when] == {"shape": [2, 3 + n_new], "equal": True}, (rank, when)
+
+
+EXPECTED_WORKER = REPO / "tests" / "workers" / "ds_expected.py"
+ENV_1T = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def single_process_expected(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single_expected") / "single.pt"
+    subprocess.run([sys.executable, str(EXPECTED_WORKER), "single", str(out)], cwd=REPO, env=ENV_1T, check=True,
+                   capture_output=True, timeout=300)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_expected_path_under_deepspeed_matches_one_process(stage, single_process_expected, tmp_path):
+    # objective.calibration=expected: its loss on each micro-batch's policy forward, scaled like the
+    # policy loss. Rank 0 holds the only confidence context, rank 1 runs the zero-weighted tree
+    # (ZeRO-3 would hang on unequal model calls). SGD lr 1: the parameter change is the clipped
+    # gradient, whose calibration part moves some weights by ~1e-3 (checked by hand), so equal
+    # parameters to 1e-6 mean the calibration loss reached DeepSpeed's update with its right scale.
+    out = tmp_path / f"{stage}.pt"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(EXPECTED_WORKER), stage, str(out)],
+        cwd=REPO, env=ENV_1T, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    dist, ref = torch.load(out), single_process_expected
+    assert ref["contexts"] == 1 and dist["contexts"] == 1  # rank 0's share: one context
+    assert dist["calibration_loss"] == pytest.approx(ref["calibration_loss"], rel=1e-6) and ref["calibration_loss"] > 0
+    assert dist["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(dist["params"][name], value, rtol=0, atol=1e-6, msg=name)

@@ -19,7 +19,7 @@ from calibrl.rl.rollout import Rollout, _completion_mask, completion_logprobs, g
 from calibrl.config import ConfidencePolicyConfig, SFTConfig
 from calibrl.objectives import COMBINERS, register_combiner, segment_ids
 from calibrl.rl.sft import num_sft_steps, sft_batches
-from helpers import EOS, EXAMPLES, STOP, hand_rollout, make_trainer, tiny_spec
+from helpers import EOS, EXAMPLES, STOP, hand_rollout, make_trainer, text_rollout, tiny_spec
 
 # --------------------------------------------------------------------------- loading
 
@@ -305,18 +305,6 @@ def test_update_with_token_advantages(tiny, builder):
     assert again["grad_norm"] == pytest.approx(out["grad_norm"], rel=1e-5)
 
 
-def _text_rollout(tok, builder, texts: list[str]) -> Rollout:
-    """A rollout of the given completion texts, 2 per prompt (EXAMPLES[0] then EXAMPLES[2])."""
-    enc = tok([builder.prompt(e) for e in (EXAMPLES[0], EXAMPLES[2])], return_tensors="pt", padding=True,
-              add_special_tokens=False)
-    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
-    length = max(map(len, ids))
-    comp = torch.tensor([row + [EOS] * (length - len(row)) for row in ids])
-    mask = (torch.arange(length)[None] < torch.tensor([len(r) for r in ids])[:, None]).long()
-    return Rollout(enc.input_ids.repeat_interleave(2, dim=0), enc.attention_mask.repeat_interleave(2, dim=0),
-                   comp, mask, texts, torch.tensor([0, 0, 1, 1]))
-
-
 def test_segment_combiner_puts_calibration_credit_after_the_answer(tiny, builder):
     tok = tiny[1]
     texts = [
@@ -325,7 +313,7 @@ def test_segment_combiner_puts_calibration_credit_after_the_answer(tiny, builder
         "<think>a</think><answer>5</answer><confidence>0.5</confidence>",  # identical pair:
         "<think>a</think><answer>5</answer><confidence>0.5</confidence>",  # exact zeros
     ]
-    rollout = _text_rollout(tok, builder, texts)
+    rollout = text_rollout(tok, builder, texts, (EXAMPLES[0], EXAMPLES[2]))
     trainer = make_trainer(copy.deepcopy(tiny[0]), tok, builder, combine="segment")
     examples = [EXAMPLES[0], EXAMPLES[0], EXAMPLES[2], EXAMPLES[2]]
     from calibrl.rewards.scoring import score_completions
@@ -395,7 +383,7 @@ def _combiner_expected(combine: str, segments: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("combine", ["sum", "normalize_then_sum", "segment"])
 def test_every_combiner_gives_the_hand_worked_advantages(tiny, builder, combine):
     tok = tiny[1]
-    rollout = _text_rollout(tok, builder, COMBINER_TEXTS)
+    rollout = text_rollout(tok, builder, COMBINER_TEXTS, (EXAMPLES[0], EXAMPLES[2]))
     trainer = make_trainer(copy.deepcopy(tiny[0]), tok, builder, combine=combine)
     parsed, rewards = trainer.score(rollout, [EXAMPLES[0], EXAMPLES[2]])
     assert rewards.total.tolist() == pytest.approx([1.01, 0.49, 1.25, -1.0])
@@ -423,7 +411,7 @@ def test_a_combiner_that_declares_segments_gets_them_without_a_trainer_edit(tiny
     register_combiner("spy_tokens", needs_segments=True)(spy("spy_tokens"))
     register_combiner("spy_rows")(spy("spy_rows"))
     tok = tiny[1]
-    rollout = _text_rollout(tok, builder, COMBINER_TEXTS)
+    rollout = text_rollout(tok, builder, COMBINER_TEXTS, (EXAMPLES[0], EXAMPLES[2]))
     for name in ("spy_tokens", "spy_rows"):
         trainer = make_trainer(copy.deepcopy(tiny[0]), tok, builder, combine=name)
         parsed, rewards = trainer.score(rollout, [EXAMPLES[0], EXAMPLES[2]])

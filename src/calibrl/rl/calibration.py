@@ -48,9 +48,16 @@ the micro-batch's policy-loss backward (gradients add up), so its graph never ho
 chunk. ``expected`` on the policy forward's cache adds the tree tokens of the micro-batch's
 contexts (``trainer.micro_batch_size`` rows at most) to that forward's graph.
 
-Limits (refused at start-up, :func:`check_calibration_settings`): ``expected`` and ``branch`` run
-extra forwards and backward calls whose count differs between ranks, so not under DeepSpeed
-yet; ``branch`` needs ``algo.ppo_epochs == 1`` (its branches are on-policy samples of the step).
+DeepSpeed: ``expected`` runs under every ZeRO stage: its loss is part of each micro-batch's one
+forward and backward, scaled like the policy loss (global normaliser M, times the world size, as
+DeepSpeed averages gradients), and a rank whose micro-batch has no context runs a tree weighted 0
+so that every rank makes the same model calls (ZeRO-3 gathers parameters per module call); two
+processes give the update of one (tested).
+
+Limits (refused at start-up, :func:`check_calibration_settings`): ``branch``, and ``expected``
+under gradient checkpointing, run extra forwards and backward calls whose count differs between
+ranks, so not under DeepSpeed yet; ``branch`` needs ``algo.ppo_epochs == 1`` (its branches are
+on-policy samples of the step).
 """
 
 from __future__ import annotations
@@ -141,8 +148,9 @@ def check_calibration_settings(cfg: Any) -> None:
         ValueError: ``gamma`` outside [0, 1]; ``branches < 2``; ``branch_max_new_tokens < 1``; a grid
             step that is not two decimals dividing 1, or that differs from the grid the SFT warm-up
             teaches (``trainer.sft.confidence.grid_step``, when SFT is on); ``expected``/``branch``
-            without a scoring rule in ``reward.weights``, under DeepSpeed, or (``branch``) with
-            ``algo.ppo_epochs > 1``; a target or ``gamma`` other than the defaults under ``reward``.
+            without a scoring rule in ``reward.weights``, or (``branch``) with
+            ``algo.ppo_epochs > 1``; a target or ``gamma`` other than the defaults under ``reward``;
+            under DeepSpeed: ``branch``, or ``expected`` with ``trainer.gradient_checkpointing``.
     """
     from calibrl.rewards.components import COMPONENTS
 
@@ -176,9 +184,13 @@ def check_calibration_settings(cfg: Any) -> None:
     if not rules:
         raise ValueError(f"objective.calibration={obj.calibration} needs a scoring rule with a positive weight in "
                          "reward.weights (e.g. reward=rlcr: brier)")
-    if cfg.deepspeed.enabled:
-        raise ValueError(f"objective.calibration={obj.calibration} is not supported under DeepSpeed yet (its extra "
-                         "forwards and backward calls differ between ranks); run it on one process")
+    if cfg.deepspeed.enabled and path is BranchPath:
+        raise ValueError("objective.calibration=branch is not supported under DeepSpeed yet (its extra forwards and "
+                         "backward calls differ between ranks); run it on one process")
+    if cfg.deepspeed.enabled and cfg.trainer.gradient_checkpointing:
+        raise ValueError("objective.calibration=expected with trainer.gradient_checkpointing is not supported under "
+                         "DeepSpeed (without the KV cache its loss needs forwards and backward calls of its own, "
+                         "whose count differs between ranks)")
     if path is BranchPath and cfg.algo.ppo_epochs != 1:
         raise ValueError("objective.calibration=branch needs algo.ppo_epochs=1 (branches are on-policy samples)")
 
@@ -339,7 +351,12 @@ class ExpectedPath(CalibrationPath):
     def loss_on_forward(self, batch, rows, n_contexts, fwd):
         local = torch.nonzero(torch.isin(rows, batch.rows)).flatten()  # micro-batch rows with a context
         if local.numel() == 0:
-            return None
+            if not self.t.engine.collective:
+                return None
+            # Under DeepSpeed every rank makes the same model calls (ZeRO-3 gathers the parameters
+            # of each module it runs): a tree after the first row's first token, weighted 0.
+            one = torch.ones(1, dtype=torch.long)
+            return grid_logprobs_on_cache(self.t.policy, fwd, one - 1, one, self.candidates).sum() * 0.0
         where = {int(r): j for j, r in enumerate(batch.rows.tolist())}
         pos = torch.tensor([where[int(r)] for r in rows[local].tolist()], dtype=torch.long)
         lp = grid_logprobs_on_cache(self.t.policy, fwd, local, batch.ends[pos], self.candidates)

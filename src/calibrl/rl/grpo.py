@@ -373,7 +373,7 @@ class GRPOTrainer:
         self.engine.zero_grad()
         loss_sum = clipped = kl_sum = 0.0
         self.calibration_loss = 0.0
-        use_cal = cal is not None and active is not None  # the calibration path's own loss (one process)
+        use_cal = cal is not None and active is not None  # the calibration path has a loss of its own
         fused = use_cal and self.calibration.fuses_forward and not self._checkpointing(self.policy)
         for k, c in enumerate(slice(i, i + mbs) for i in range(0, len(sub), mbs)):
             mb = sub.select(c)
@@ -395,13 +395,13 @@ class GRPOTrainer:
                 return math.nan, clipped, kl_sum, math.nan
             loss = res.loss * world if world > 1 else res.loss  # DeepSpeed averages over ranks: x W
             if aux is not None:
-                if not torch.isfinite(aux):
+                if not self.engine.collective and not torch.isfinite(aux):  # (collective: step() raises)
                     self.engine.zero_grad()
                     return math.nan, clipped, kl_sum, math.nan
                 self.calibration_loss += float(aux.detach())
-                loss = loss + aux
+                loss = loss + (aux * world if world > 1 else aux)
             self.engine.backward(loss)
-            if use_cal and not fused:  # the path's own forwards and backward calls
+            if use_cal and not fused:  # the path's own forwards and backward calls (one process)
                 own = self.calibration.backward(cal, active[c], n_contexts)
                 if not math.isfinite(own):
                     self.engine.zero_grad()
