@@ -3,12 +3,13 @@ a LoRA run samples its rollouts.
 
 Run from the repository root, with nothing else running (~6 min on 2 CPU cores)::
 
-    .venv/bin/python benchmarks/lora.py                       # SmolLM2-135M, the quickstart RL step
+    .venv/bin/python benchmarks/lora.py                       # SmolLM2-135M, the rlcr_sum RL step
     .venv/bin/python benchmarks/lora.py --model tiny --steps 1 --warmup 0 --out /tmp/lora.json
 
-Arms, each in its own subprocess (so peak RSS, ``ru_maxrss``, is its own), on the quickstart
-setting (``experiment=quickstart``: B x G rollouts, ``algo.max_new_tokens``, bf16 autocast) from
-the raw model (no warm-up):
+Arms, each in its own subprocess (so peak RSS, ``ru_maxrss``, is its own), on the main job's
+setting with the RLCR reward path (``experiment=rlcr_sum``: B x G rollouts, ``algo.max_new_tokens``,
+bf16 autocast; the main job's recipe when ``benchmarks/results/lora_2026-12-07.json`` was measured)
+from the raw model (no warm-up):
 
 - ``full``: full fine-tuning, the bf16 sampling copy (as shipped);
 - ``lora_merged``: LoRA (``model.lora.r``), the bf16 sampling copy with the adapters merged into it
@@ -62,7 +63,7 @@ def worker(arm: str, args: argparse.Namespace, out: Path) -> None:
     from calibrl.run import stages
     from calibrl.run.build import build
 
-    overrides = ["experiment=quickstart", f"model={args.model}", "logger.mode=disabled", "trainer.sft.enabled=false",
+    overrides = ["experiment=rlcr_sum", f"model={args.model}", "logger.mode=disabled", "trainer.sft.enabled=false",
                  f"trainer.num_threads={args.threads}", f"model.lora.r={args.rank}", *ARMS[arm], *args.overrides]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

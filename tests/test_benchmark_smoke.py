@@ -103,3 +103,26 @@ def test_lora_benchmark_measures_every_arm_with_peft_s_counts(tmp_path):
     # r=4 on every linear layer of the tiny model's 2 layers (see tests/run/test_lora_run.py): 8192
     assert arms["lora_merged"]["trainable_params"] == arms["lora_kl"]["trainable_params"] == 8192
     assert arms["lora_merged"]["total_params"] == arms["full"]["total_params"] + 8192
+
+
+def test_calibration_paths_benchmark_times_every_arm(tmp_path, monkeypatch):
+    """``benchmarks/calibration_paths.py`` on the tiny model (debug sizes, its own SFT cache), one
+    timed step per arm: every arm reports positive times; the ``expected`` arms log the grid
+    readout's coverage, the ``reward`` arm too (every path logs it)."""
+    monkeypatch.setenv("CALIBRL_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, str(BENCH))
+    try:
+        import calibration_paths
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "cal.json"
+    calibration_paths.main(["--model", "tiny", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(out),
+                            "debug=default"])
+    report = json.loads(out.read_text())
+    assert set(report["arms"]) == {"reward", "expected", "expected_apart"}
+    for name, r in report["arms"].items():
+        assert r["step_s_median"] > 0 and r["generate_s_median"] > 0 and len(r["steps"]) == 1, name
+        assert 0.0 <= r["steps"][0]["contexts"] <= 1.0
+    assert "experiment=rlcr_sum" in report["arms"]["reward"]["overrides"]
+    with pytest.raises(SystemExit):
+        calibration_paths.main(["--arms", "reward,nope"])

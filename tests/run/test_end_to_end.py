@@ -1,4 +1,5 @@
-"""Tiny end-to-end runs through the real entry point (Hydra compose -> pipeline.run).
+"""Tiny end-to-end runs through the real entry point (Hydra compose -> pipeline.run); the main
+job's recipe (`experiment=quickstart`) on the tiny model.
 
 `model=tiny` is a random 2-layer Llama with SmolLM2's tokenizer, so the runs take seconds; the
 assertions check the files a user relies on and that every logged number is finite where it must be.
@@ -35,7 +36,9 @@ def _records(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = _compose(["model=tiny", "debug=default", "logger.mode=offline", "eval.raw_model=true"])
+    # the main job's recipe on the tiny model
+    cfg = _compose(["experiment=quickstart", "model=tiny", "debug=default", "logger.mode=offline",
+                    "eval.raw_model=true"])
     results = run(cfg, run_dir)
     return run_dir, results
 
@@ -56,7 +59,8 @@ def test_tiny_run_writes_metrics_checkpoint_and_wandb(tiny_run):
     for r in rl_steps:
         for key in ("rewards/total/mean", "rewards/correctness/mean", "rewards/brier/mean", "rewards/format/mean",
                     "train/accuracy", "train/format_rate", "train/clip_fraction", "train/completion_length",
-                    "train/zero_std_groups", "perf/step_s", "perf/generate_s", "perf/update_s"):
+                    "train/zero_std_groups", "perf/step_s", "perf/generate_s", "perf/update_s",
+                    "train/calibration_loss", "train/calibration_score", "train/expected_confidence/coverage"):
             assert math.isfinite(r[key]), key
         assert -1.0 <= r["rewards/total/mean"] <= 1.5
     evals = [r for r in records if "eval/chain_sum/accuracy" in r]
@@ -70,6 +74,7 @@ def test_tiny_run_writes_metrics_checkpoint_and_wandb(tiny_run):
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
     resolved = OmegaConf.load(run_dir / "config_resolved.yaml")
     assert resolved.model.kind == "tiny" and "${" not in (run_dir / "config_resolved.yaml").read_text()
+    assert resolved.experiment_name == "quickstart" and resolved.objective.calibration == "expected"
     preds = _records(run_dir / "eval_final.jsonl")
     assert len(preds) == 8 and {"id", "completion", "confidence", "correct", "format_ok"} <= set(preds[0])
     def no_nan(token):
@@ -115,6 +120,7 @@ def test_cli_prints_composed_config():
     cfg = OmegaConf.create(out.stdout)
     assert cfg.reward.weights == {"correctness": 1.0, "brier": 1.0, "format": 0.5}
     assert cfg.model.kind == "gguf" and cfg.experiment_name == "quickstart"
+    assert cfg.objective.calibration == "expected" and cfg.objective.combine == "sum"
 
 
 def test_cli_misspelled_key_lists_valid_keys():

@@ -422,8 +422,9 @@ class GRPOTrainer:
                 forward even where their advantage is 0, and its loss joins theirs.
 
         Returns:
-            ``loss``, ``clip_fraction``, ``grad_norm``, and ``kl`` (mean k3 estimate per
-            completion token) when ``beta > 0``; ``loss`` and ``grad_norm`` are NaN for an
+            ``loss``, ``clip_fraction``, ``grad_norm``, ``kl`` (mean k3 estimate per
+            completion token) when ``beta > 0``, and ``calibration_loss`` (summed over ranks)
+            under a path with a loss of its own; ``loss`` and ``grad_norm`` are NaN for an
             update skipped on a non-finite loss.
         """
         a, mbs = self.algo, self.trainer_cfg.micro_batch_size
@@ -436,6 +437,8 @@ class GRPOTrainer:
         n_tokens, n_seqs = all_reduce_sum([float(mask[counted].sum()), float(counted.sum())])  # global counts
         n_tokens, n_seqs = max(n_tokens, 1.0), max(n_seqs, 1.0)
         out = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0} | ({"kl": 0.0} if a.beta > 0 else {})
+        if own_loss:  # logged every step (0.0 on a step with nothing to learn)
+            out["calibration_loss"] = 0.0
         active = self._active_rows(rollout, nonzero)
         if active.numel() == 0:  # nothing to learn from, nothing that could go wrong
             self.bad_steps_in_row = 0
