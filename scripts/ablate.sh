@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The objective ablation at CPU scale (issue 16): every arm x seed on the quickstart setting, each
+# The objective ablation at CPU scale (issue 16): every arm x seed on the main job's setting, each
 # run's final checkpoint also evaluated out of domain (reasoning-gym `products`, 200 items), then one
 # comparison table and the long-form docs/results/ablation.csv. Resumable: a run whose summary.json
 # holds its final eval is not trained again, an unfinished one is started again, and the

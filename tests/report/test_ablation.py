@@ -74,3 +74,44 @@ def test_duplicate_arm_and_seed_refused(tmp_path):
         (b / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ValueError, match="two runs of arm 'a' seed 0"):
         ablation_rows([a, b], require_ood=False)
+
+
+def _metrics(d, accs, aurocs):
+    """metrics.jsonl of an SFT record then one record per RL step (train/accuracy, train/auroc)."""
+    lines = [json.dumps({"step": 1, "sft/loss": 1.0})]
+    lines += [json.dumps({"step": 1 + i, "train/rl_step": i, "train/accuracy": a, "train/auroc": u})
+              for i, (a, u) in enumerate(zip(accs, aurocs), start=1)]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_curve_bands_by_hand(tmp_path):
+    from calibrl.report.ablation import curve_bands
+
+    a0 = _run(tmp_path, "a", 0, _report(0.5, 0.1, 0.6), _report(0.4, 0.2, 0.5))
+    a1 = _run(tmp_path, "a", 1, _report(0.7, 0.3, 0.8), _report(0.2, 0.2, 0.7))
+    _metrics(a0, [0.2, 0.4, 0.6], [0.5, float("nan"), 0.7])
+    _metrics(a1, [0.4, 0.4, 0.2], [0.9, 0.6, 0.5])
+    panels, markers = curve_bands([a0, a1], window=2)
+    acc = panels["train/accuracy"]["a"]
+    # 2-step trailing means: seed 0 [.2, .3, .5], seed 1 [.4, .4, .3]
+    assert acc.x.tolist() == [1, 2, 3]
+    assert acc.mean.tolist() == pytest.approx([0.3, 0.35, 0.4])
+    assert acc.low.tolist() == pytest.approx([0.2, 0.3, 0.3]) and acc.high.tolist() == pytest.approx([0.4, 0.4, 0.5])
+    # a NaN AUROC is left out of its window: seed 0 [.5, .5, .7], seed 1 [.9, .75, .55]
+    assert panels["train/auroc"]["a"].mean.tolist() == pytest.approx([0.7, 0.625, 0.625])
+    # a metric no run logged: NaN everywhere, 0 seeds
+    assert panels["train/ece"]["a"].n.tolist() == [0, 0, 0]
+    # markers: held-out start (eval_sft) at 0 and final after the last RL step
+    m = markers["train/accuracy"]["a"]
+    assert m.x.tolist() == [0, 3] and m.mean.tolist() == pytest.approx([0.3, 0.6])
+    assert markers["train/auroc"]["a"].mean.tolist() == pytest.approx([0.6, 0.7])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        curve_bands([a0], window=0)
+    b = _run(tmp_path, "a", 2, _report(0.5, 0.1, 0.6), _report(0.4, 0.2, 0.5))
+    _metrics(b, [0.1, 0.2], [0.5, 0.5])
+    with pytest.raises(ValueError, match="runs with 3 and 2 RL steps"):
+        curve_bands([a0, b])
+    out = tmp_path / "c.png"
+    assert main([str(a0), str(a1), "--out", str(tmp_path / "y.csv"), "--allow-missing-ood", "--curves", str(out),
+                 "--window", "2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
