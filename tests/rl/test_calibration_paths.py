@@ -129,15 +129,30 @@ def _update_grads(trainer, rollout):
     return grads, out, cal
 
 
-@pytest.mark.parametrize("micro_batch_size, bf16, tol", [(4, False, 1e-5), (1, False, 1e-5), (4, True, 2e-2)])
-def test_expected_loss_on_the_policy_forward_equals_its_own_forwards(tiny, builder, micro_batch_size, bf16, tol):
+@pytest.mark.parametrize("micro_batch_size, bf16, tol, extra", [
+    (4, False, 1e-5, {}), (1, False, 1e-5, {}), (4, True, 2e-2, {}), (2, False, 1e-5, {"ppo_epochs": 2}),
+    (4, False, 1e-5, {"lora": True}),
+])
+def test_expected_loss_on_the_policy_forward_equals_its_own_forwards(tiny, builder, micro_batch_size, bf16, tol,
+                                                                     extra):
     """The expected path's loss computed on the KV cache of the micro-batch's policy forward (one
     backward) and by its own context forwards (the gradient-checkpointing fallback) give the same
-    loss, readout and gradient (under bf16 autocast: up to bf16 rounding)."""
+    loss, readout and gradient (under bf16 autocast: up to bf16 rounding), also over two PPO
+    epochs (the gradient of the last) and on a LoRA policy (its adapters made non-zero)."""
     model, tok = tiny
     rollout = text_rollout(tok, builder)
     warm = format_warm_up(model, rollout)
-    kw = dict(calibration="expected", micro_batch_size=micro_batch_size, bf16=bf16)
+    extra = dict(extra)
+    if extra.pop("lora", False):
+        from calibrl.config import LoraConfig
+        from calibrl.lora import apply_lora
+
+        warm = apply_lora(warm, LoraConfig(enabled=True, r=4))
+        with torch.no_grad():
+            for name, p in warm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    kw = dict(calibration="expected", micro_batch_size=micro_batch_size, bf16=bf16, **extra)
     fused = make_trainer(copy.deepcopy(warm), tok, builder, **kw)
     apart = make_trainer(copy.deepcopy(warm), tok, builder, **kw)
     apart.calibration.fuses_forward = False

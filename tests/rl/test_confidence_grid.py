@@ -274,3 +274,10 @@ def test_the_grid_on_a_cache_refuses_a_forward_without_one(tiny):
     with pytest.raises(ValueError, match="needs the KV cache"):
         grid_logprobs_on_cache(model, CompletionForward(torch.zeros(5, 1), None, rollout), torch.tensor([0]),
                                torch.tensor([3]), [[1], [2]])
+    from calibrl.rl.rollout import completion_forward
+
+    with torch.no_grad():
+        fwd = completion_forward(model, rollout)
+        grid_logprobs_on_cache(model, fwd, torch.tensor([0]), torch.tensor([3]), [[1], [2]])
+        with pytest.raises(ValueError, match="used up by an earlier call"):  # the tree's 3 columns were appended
+            grid_logprobs_on_cache(model, fwd, torch.tensor([0]), torch.tensor([3]), [[1], [2]])

@@ -94,8 +94,9 @@ from calibrl.rl.rollout import CompletionForward, Rollout, completion_logprobs, 
 if TYPE_CHECKING:
     from calibrl.rl.grpo import GRPOTrainer
 
-#: Contexts per forward/backward of a path's own loss (``expected``: each context plus its grid's
-#: prefix tree, 36 more tokens for the 0.05 grid and SmolLM2; ``branch``: its K continuations).
+#: Contexts per forward/backward of a path's own loss, where it runs forwards of its own
+#: (``branch``: its K continuations; ``expected`` under gradient checkpointing only: each context
+#: plus its grid's prefix tree, 36 more tokens for the 0.05 grid and SmolLM2).
 CONTEXTS_PER_CHUNK = 8
 
 __all__ = ["CALIBRATION_PATHS", "CONTEXTS_PER_CHUNK", "CalibrationBatch", "CalibrationPath", "check_calibration_settings", "resolve_grid_step"]
@@ -290,9 +291,19 @@ class CalibrationPath:
     def loss_on_forward(self, batch: CalibrationBatch, rows: torch.Tensor, n_contexts: float,
                         fwd: CompletionForward) -> torch.Tensor | None:
         """The calibration loss of the main-rollout ``rows`` (LongTensor ``[n]``, the micro-batch's
-        rows in order) computed on the policy forward ``fwd`` of that micro-batch (its KV cache),
-        a scalar tensor to add to the micro-batch's policy loss before its one backward; ``None``
-        when none of the rows has a context. Only for paths with :attr:`fuses_forward`."""
+        rows in order) computed on the policy forward ``fwd`` of that micro-batch (its KV cache,
+        which this narrows and appends to: ``fwd`` is used up), under the caller's grad and
+        autocast mode.
+
+        Returns:
+            A float32 scalar on the model's device to add to the micro-batch's policy loss before
+            its one backward (score units divided by the step's context count M); ``None`` when
+            none of the rows has a context, except under a collective engine, where it is a
+            zero-weighted tree so every rank makes the same model calls.
+
+        Raises:
+            NotImplementedError: the path does not :attr:`fuses_forward`.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no loss on the policy forward")
 
     def backward(self, batch: CalibrationBatch, rows: torch.Tensor, n_contexts: float) -> float:
@@ -356,7 +367,8 @@ class ExpectedPath(CalibrationPath):
             # Under DeepSpeed every rank makes the same model calls (ZeRO-3 gathers the parameters
             # of each module it runs): a tree after the first row's first token, weighted 0.
             one = torch.ones(1, dtype=torch.long)
-            return grid_logprobs_on_cache(self.t.policy, fwd, one - 1, one, self.candidates).sum() * 0.0
+            lp = grid_logprobs_on_cache(self.t.policy, fwd, one - 1, one, self.candidates)
+            return torch.nan_to_num(lp, 0.0, 0.0, 0.0).sum() * 0.0  # 0 even where a log-prob is -inf
         where = {int(r): j for j, r in enumerate(batch.rows.tolist())}
         pos = torch.tensor([where[int(r)] for r in rows[local].tolist()], dtype=torch.long)
         lp = grid_logprobs_on_cache(self.t.policy, fwd, local, batch.ends[pos], self.candidates)

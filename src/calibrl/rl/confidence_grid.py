@@ -8,9 +8,11 @@ probability on every way to go on; the *grid* is the set of candidate strings
     ``f"{v:.2f}"`` for ``v`` in ``0, step, 2 step, ..., 1``
 
 and ``log P(v | context)`` is the sum of the candidate's token log-probs, teacher forced.
-:func:`grid_logprobs_tree` (used in training and evaluation) appends the candidates' prefix tree
-to each context and runs one forward under a 4-D attention mask; :func:`grid_logprobs` (the
-reference it is tested against) runs every candidate on its own copy of the context's KV cache.
+:func:`grid_logprobs_tree` (evaluation, the readout, and training under gradient checkpointing)
+appends the candidates' prefix tree to each context and runs one forward under a 4-D attention
+mask; :func:`grid_logprobs_on_cache` (training) runs the same tree on the KV cache of the policy
+forward that already ran the context; :func:`grid_logprobs` (the reference both are tested
+against) runs every candidate on its own copy of the context's KV cache.
 Renormalised over the grid, these give ``p(v)`` [M, V], the model's distribution over the
 confidences it could state, and
 
@@ -24,7 +26,8 @@ Mass the model puts outside the grid (another number of decimals, a malformed va
 the renormalised ``p``: the readout conditions on writing a grid value.
 
 Costs: 36 tree tokens (0.05 grid, SmolLM2: digits are single tokens) per context, on top of one
-context forward.
+context forward (:func:`grid_logprobs_tree`) or of the context's last token on the policy
+forward's cache (:func:`grid_logprobs_on_cache`).
 """
 
 from __future__ import annotations
@@ -257,20 +260,23 @@ def grid_logprobs_on_cache(model: Any, fwd: CompletionForward, local_rows: torch
     rest of the context is read from the cache (its other columns masked out). Gradients reach
     the cached positions through the cache, so one backward of the policy loss plus a loss on
     these log-probs equals two separate backwards (up to float rounding; tested). The cache is
-    narrowed to ``local_rows`` (in place).
+    narrowed to ``local_rows`` and appended to (in place): ``fwd`` serves one call. Runs under
+    the caller's grad and autocast mode.
 
     Args:
         model: the causal LM that made ``fwd``.
         fwd: its forward of a micro-batch (cache, trimmed rows).
-        local_rows: LongTensor ``[M]``, rows of ``fwd.rollout`` with a context.
-        ends: LongTensor ``[M]``, their context lengths in completion tokens (``0 < k <= L'``).
+        local_rows: LongTensor ``[M]`` (any device), rows of ``fwd.rollout`` with a context.
+        ends: LongTensor ``[M]`` (any device), their context lengths in completion tokens, each
+            within the row's completion tokens (``0 < k <= `` its length).
         candidates: ``V`` token-id lists (:meth:`ConfidenceGrid.token_ids`).
 
     Returns:
         float32 ``[M, V]``, ``log P(candidate v | context m)`` in nats, on the model's device.
 
     Raises:
-        ValueError: ``fwd`` has no cache, or its cache does not cover the trimmed columns.
+        ValueError: ``fwd`` has no cache, or a layer of its cache does not hold every column of
+            the trimmed rows (a used-up ``fwd``; a sliding-window layer shorter than the rows).
     """
     if len(local_rows) == 0:
         return torch.zeros((0, len(candidates)), device=module_device(model))
@@ -278,8 +284,10 @@ def grid_logprobs_on_cache(model: Any, fwd: CompletionForward, local_rows: torch
         raise ValueError("grid_logprobs_on_cache needs the KV cache of a shared-prefix forward")
     r = fwd.rollout
     p, w = r.prompt_ids.shape[1], r.completion_ids.shape[1]
-    if fwd.cache.get_seq_length() != p + w:
-        raise ValueError(f"the cache holds {fwd.cache.get_seq_length()} columns, the rows {p + w}")
+    held = {int(layer.keys.shape[-2]) for layer in getattr(fwd.cache, "layers", []) if getattr(layer, "keys", None) is not None}
+    if fwd.cache.get_seq_length() != p + w or held - {p + w}:
+        raise ValueError(f"the cache holds {sorted(held) or fwd.cache.get_seq_length()} columns, the rows {p + w} "
+                         "(used up by an earlier call, or a sliding-window layer): run the contexts on their own")
     local_rows, ends = local_rows.to(r.prompt_ids.device), ends.to(r.prompt_ids.device)
     last = ends - 1  # the context's last token, run again
     prompt_ok = r.prompt_mask[local_rows].bool()

@@ -364,17 +364,21 @@ class GRPOTrainer:
         grad norm)`` of this rank. A non-finite micro-batch loss (one process) skips its backward
         and the step: gradients zeroed, loss and grad norm NaN. With a calibration batch ``cal``,
         the calibration path's loss of the micro-batch's rows (``active``: ``sub``'s rows in the
-        rollout) is backpropagated after the micro-batch's (chunked, gradients add up); its sum is
-        kept in ``self.calibration_loss``; a non-finite one skips the step like a non-finite loss.
-        A path that :attr:`~calibrl.rl.calibration.CalibrationPath.fuses_forward` computes it on
-        the micro-batch's policy forward instead and it joins that backward (not under gradient
-        checkpointing)."""
+        rollout) is computed on the micro-batch's policy forward and joins its backward (a path
+        that :attr:`~calibrl.rl.calibration.CalibrationPath.fuses_forward`, without gradient
+        checkpointing), or else is backpropagated after the micro-batch's by the path's own
+        forwards (chunked, gradients add up; one process only); its sum is kept in
+        ``self.calibration_loss``. With one process a non-finite one skips the step like a
+        non-finite loss; under DeepSpeed every rank backpropagates it and ``step()`` raises."""
         a, world, mbs = self.algo, self.dist.world_size, self.trainer_cfg.micro_batch_size
         self.engine.zero_grad()
         loss_sum = clipped = kl_sum = 0.0
         self.calibration_loss = 0.0
         use_cal = cal is not None and active is not None  # the calibration path has a loss of its own
         fused = use_cal and self.calibration.fuses_forward and not self._checkpointing(self.policy)
+        if use_cal and not fused and world > 1:  # start-up checks refuse the configs that lead here
+            raise RuntimeError(f"objective.calibration={self.objective.calibration}: its own forwards and backward "
+                               "calls differ between ranks; not under DeepSpeed (is gradient checkpointing on?)")
         for k, c in enumerate(slice(i, i + mbs) for i in range(0, len(sub), mbs)):
             mb = sub.select(c)
             aux = None

@@ -418,10 +418,12 @@ class CompletionForward:
     """The policy forward of :func:`completion_forward`.
 
     Attributes:
-        logprobs: float32 ``[N, L]`` completion-token log-probs (as :func:`completion_logprobs`).
-        cache: the model's KV cache of the ``[prompt | completion]`` columns of ``rollout``
-            (``N`` rows; keys of shape ``[N, heads, P' + L', head_dim]``), part of the autograd
-            graph (a later forward on it sends gradients back through this one).
+        logprobs: float32 ``[N, L]`` completion-token log-probs (as :func:`completion_logprobs`:
+            the untrimmed width L).
+        cache: the model's KV cache (a transformers ``Cache``; ``None`` only from the plain,
+            unshared forward) of the ``[prompt | completion]`` columns of ``rollout`` (``N`` rows;
+            keys of shape ``[N, heads, P' + L', head_dim]``), part of the autograd graph (a later
+            forward on it sends gradients back through this one).
         rollout: the rows as run, trimmed of all-padding columns (``P'`` prompt and ``L'``
             completion columns), on the model's device: the cache's column layout.
     """
@@ -436,7 +438,12 @@ def completion_forward(model: Any, rollout: Rollout) -> CompletionForward:
     so a caller can run more tokens after any prefix of the completions (e.g. the confidence
     grid's prefix tree, :func:`calibrl.rl.confidence_grid.grid_logprobs_on_cache`) without a
     second forward of the context. Not for models whose cache is off (gradient checkpointing in
-    training mode). Args, Returns and Raises: as :func:`completion_logprobs`."""
+    training mode). Args and Raises: as :func:`completion_logprobs`.
+
+    Returns:
+        A :class:`CompletionForward`: the log-probs, the cache (never ``None`` here) and the
+        trimmed rows that give the cache's column layout.
+    """
     return _completion_forward(model, rollout, share_prefix=True)
 
 
