@@ -341,7 +341,7 @@ def _tree_logprobs(model: Any, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, pa
     logp = torch.log_softmax(logits.float(), dim=-1)
     slot = {q: 1 + i for i, q in enumerate(has_child)}
     parent_slot = torch.tensor([0 if q == -1 else slot[q] for q in parents], device=device)
-    node_lp = logp[:, parent_slot, :].gather(2, torch.tensor(tokens, device=device)[None, :, None].expand(m, t, 1))[..., 0]
+    node_lp = logp[:, parent_slot, torch.tensor(tokens, device=device)]  # [M, T]: node j's token after its parent
     member = torch.zeros(t, len(candidates), device=device)
     for v, path in enumerate(paths):
         member[path, v] = 1.0
