@@ -28,18 +28,16 @@ A step is ``GRPOTrainer.step()`` (wall clock); ``--warmup`` steps are dropped, t
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _arms import arm_parser, run_arms, selected_arms, worker_args, write_report
+
 ARMS: dict[str, list[str]] = {
     "reward": ["experiment=rlcr_sum"],
     "expected": ["experiment=quickstart"],
@@ -84,41 +82,16 @@ def worker(arm: str, args: argparse.Namespace, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", default="smollm2_135m", help="a conf/model preset (default: smollm2_135m)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    p.add_argument("--steps", type=int, default=3, help="timed RL steps per arm")
-    p.add_argument("--warmup", type=int, default=1, help="untimed RL steps first")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results JSON (default benchmarks/results/calibration_paths_<date>.json)")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every arm (e.g. algo.prompts_per_step=2)")
-    p.add_argument("--worker", choices=sorted(ARMS), help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    p = arm_parser(__doc__, "calibration_paths", list(ARMS), steps=3)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.worker:
         worker(args.worker, args, args.worker_out)
         return {}
-    arms = args.arms.split(",")
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown:
-        p.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
-    results: dict[str, Any] = {}
+    arms = selected_arms(p, args.arms, list(ARMS))
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        for arm in arms:
-            out = Path(tmp) / f"{arm}.json"
-            cmd = [sys.executable, __file__, "--worker", arm, "--worker-out", str(out), "--model", args.model,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   *args.overrides]
-            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                  env=os.environ | {"PYTHONPATH": str(REPO / "src")})
-            if done.returncode != 0:
-                raise SystemExit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
-            results[arm] = json.loads(out.read_text())
+    results = run_arms(__file__, arms, worker_args(args))
     base = results.get("reward")
     print(f"{'arm':<15} {'step s':>8} {'vs reward':>10} {'update s':>9} {'vs reward':>10} {'generate s':>11}")
     for arm, r in results.items():
@@ -126,13 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         upd = f"{r['update_s_median'] / base['update_s_median']:.2f}" if base and base["update_s_median"] > 0 else ""
         print(f"{arm:<15} {r['step_s_median']:>8.2f} {step:>10} {r['update_s_median']:>9.2f} {upd:>10} "
               f"{r['generate_s_median']:>11.2f}")
-    report = {"date": dt.date.today().isoformat(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-              "cpu_count": os.cpu_count(), "settings": vars(args) | {"out": str(args.out)}, "arms": results}
-    out = args.out or REPO / "benchmarks" / "results" / f"calibration_paths_{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(f"results: {out}")
-    return report
+    return write_report("calibration_paths", args, results, load_start)
 
 
 if __name__ == "__main__":

@@ -31,19 +31,17 @@ measured in the same run. The results go to ``benchmarks/results/lora_<date>.jso
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _arms import arm_parser, run_arms, selected_arms, worker_args, write_report
+
 ARMS: dict[str, list[str]] = {
     "full": [],
     "lora_merged": ["model.lora.enabled=true"],
@@ -90,39 +88,15 @@ def worker(arm: str, args: argparse.Namespace, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", default="smollm2_135m", help="a conf/model preset (default: smollm2_135m)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p = arm_parser(__doc__, "lora", list(ARMS), steps=2)
     p.add_argument("--rank", type=int, default=16, help="model.lora.r (default 16, the config default)")
-    p.add_argument("--steps", type=int, default=2, help="timed RL steps per arm")
-    p.add_argument("--warmup", type=int, default=1, help="untimed RL steps first")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/lora_<date>.json)")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every arm (e.g. algo.prompts_per_step=2)")
-    p.add_argument("--worker", choices=sorted(ARMS), help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args.worker, args, args.worker_out)
         return {}
-    arms = args.arms.split(",")
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown:
-        p.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
-    results: dict[str, Any] = {}
+    arms = selected_arms(p, args.arms, list(ARMS))
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        for arm in arms:
-            out = Path(tmp) / f"{arm}.json"
-            cmd = [sys.executable, __file__, "--worker", arm, "--worker-out", str(out), "--model", args.model,
-                   "--rank", str(args.rank), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--threads", str(args.threads), *args.overrides]
-            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                  env=os.environ | {"PYTHONPATH": str(REPO / "src")})
-            if done.returncode != 0:
-                raise SystemExit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
-            results[arm] = json.loads(out.read_text())
+    results = run_arms(__file__, arms, worker_args(args, "--rank", str(args.rank)))
     full, merged = results.get("full"), results.get("lora_merged")
     print(f"{'arm':<13} {'trainable':>12} {'peak RSS MB':>12} {'vs full':>8} {'step s':>8} {'vs full':>8} "
           f"{'generate s':>11} {'vs merged':>10} {'update s':>9}")
@@ -132,13 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gen = f"{r['generate_s_median'] / merged['generate_s_median']:.2f}" if merged else ""
         print(f"{arm:<13} {r['trainable_params']:>12,} {r['peak_rss_mb']:>12.0f} {rss:>8} {r['step_s_median']:>8.2f} "
               f"{step:>8} {r['generate_s_median']:>11.2f} {gen:>10} {r['update_s_median']:>9.2f}")
-    report = {"date": dt.date.today().isoformat(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-              "cpu_count": os.cpu_count(), "settings": vars(args) | {"out": str(args.out)}, "arms": results}
-    out = args.out or REPO / "benchmarks" / "results" / f"lora_{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(f"results: {out}")
-    return report
+    return write_report("lora", args, results, load_start)
 
 
 if __name__ == "__main__":
