@@ -397,14 +397,14 @@ class GRPOTrainer:
                 # (A collective engine must run every micro-batch; its step() raises instead.)
                 self.engine.zero_grad()  # the micro-batches before the bad one
                 return math.nan, clipped, kl_sum, math.nan
-            loss = res.loss * world if world > 1 else res.loss  # DeepSpeed averages over ranks: x W
+            loss = res.loss
             if aux is not None:
                 if not self.engine.collective and not torch.isfinite(aux):  # (collective: step() raises)
                     self.engine.zero_grad()
                     return math.nan, clipped, kl_sum, math.nan
                 self.calibration_loss += float(aux.detach())
-                loss = loss + (aux * world if world > 1 else aux)
-            self.engine.backward(loss)
+                loss = loss + aux
+            self.engine.backward(loss * world if world > 1 else loss)  # DeepSpeed averages over ranks: x W
             if use_cal and not fused:  # the path's own forwards and backward calls (one process)
                 own = self.calibration.backward(cal, active[c], n_contexts)
                 if not math.isfinite(own):
